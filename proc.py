@@ -1,0 +1,687 @@
+"""Image preprocessing.
+
+1. kmeans_for_img_size: cluster the image sizes (H, W) of a folder into at most 32 sizes with k-means
+   and resize every image to its cluster's size, so that a size-bucketed batch sampler can put any
+   images of one cluster in one batch without padding. Incremental (a cache records what was written)
+   and resumable (every output is written atomically).
+2. deng_process: the im2latex-100k image processing of Deng et al., "Image-to-Markup Generation with
+   Coarse-to-Fine Attention", ICML 2017 (im2markup scripts/preprocessing/preprocess_images.py):
+   crop to ink, pad 8 px, paste top-left into the smallest of 21 buckets, downsample x2.
+3. import_im2latex: convert the public im2latex-100k release (raw or processed variant) into the
+   layout of DESIGN.md: <root_dir>/images/ and <root_dir>/labels/{train,val,test}.txt.
+
+    python3 proc.py                                   # re-cluster math + chemistry of data/demo
+    python3 proc.py --root_dir D                      # ... of another root
+    python3 proc.py --img_root DIR --out DIR2         # any folder
+    python3 proc.py --import_im2latex SRC --root_dir D
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import textwrap
+import time
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data import DEFAULT_ROOT, IMAGE_EXTENSIONS, ImageError, Problems, atomic_write, load_gray
+
+# -----------------------------------------------------------------------------
+# defaults
+
+N_CLUSTERS = 32            # k of the size k-means
+SEED = 0                   # k-means random_state
+KMEANS_N_INIT = 10         # k-means restarts (fixed, so results do not depend on sklearn's default)
+CACHE_NAME = '.kmeans.json'  # per output folder: source size + mtime + target size of every image
+CACHE_VERSION = 1
+# PIL's Lanczos (a=3) resamples each axis with a support scaled to the zoom factor: when shrinking it
+# averages over the source pixels (antialiased, thin strokes are kept as gray rather than dropped as
+# with nearest/bilinear); when enlarging it interpolates sharper than bicubic. Overshoot at stroke
+# edges is clipped to 0..255. Deng's script uses Lanczos for the x2 downsample as well.
+RESAMPLE = Image.Resampling.LANCZOS
+RESIZE_METHOD = 'L-lanczos-png-1'  # stored in the cache; a different method rewrites every output
+FLUSH_SECONDS = 5.0        # write the cache at least this often while resizing (resume point)
+
+# Deng's 21 buckets, (W, H) before the x2 downsample, in the order of his preprocess script.
+DENG_BUCKETS_WH = [(240, 100), (320, 80), (400, 80), (400, 100), (480, 80), (480, 100), (560, 80),
+                   (560, 100), (640, 80), (640, 100), (720, 80), (720, 100), (720, 120), (720, 200),
+                   (800, 100), (800, 320), (1000, 200), (1000, 400), (1200, 200), (1600, 200),
+                   (1600, 1600)]
+DENG_PAD = 8
+DENG_DOWNSAMPLE = 2
+INK_THRESHOLD = 240        # deng_process: a pixel darker than this is ink (white = 255)
+
+SPLIT_FILES = (('train', 'train'), ('validate', 'val'), ('test', 'test'))  # release name -> ours
+RAW_IMAGE_DIRS = ('formula_images', 'images')
+PROCESSED_IMAGE_DIRS = ('formula_images_processed', 'images')
+
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+def _n_workers(workers, n_tasks):
+    n = (os.cpu_count() or 1) if workers is None else int(workers)
+    if multiprocessing.current_process().daemon:  # a pool worker cannot start its own pool
+        n = 1
+    return max(1, min(n, n_tasks))
+
+
+def _pmap(fn, tasks, workers, desc):
+    """Yield fn(task) for every task (in any order), over a process pool when workers > 1, with a
+    tqdm bar. fn must be a top-level function and must not raise for bad input (return the error)."""
+    if not tasks:
+        return
+    n = _n_workers(workers, len(tasks))
+    if n <= 1 or len(tasks) < 4:
+        for t in tqdm(tasks, desc=desc, unit='img', dynamic_ncols=True):
+            yield fn(t)
+        return
+    chunk = max(1, min(32, len(tasks) // (n * 8)))
+    with multiprocessing.get_context().Pool(n) as pool:  # pool before bar: fork without tqdm's thread
+        with tqdm(total=len(tasks), desc=desc, unit='img', dynamic_ncols=True) as bar:
+            for r in pool.imap_unordered(fn, tasks, chunksize=chunk):
+                bar.update()
+                yield r
+
+
+def _save_png(u8, path):
+    """uint8 (H, W) -> grayscale PNG at path, atomically."""
+    atomic_write(path, lambda tmp: Image.fromarray(u8).save(tmp, format='PNG'))
+
+
+def _resize(u8, hw):
+    """uint8 (H, W) -> uint8 hw = (H', W') with RESAMPLE."""
+    if u8.shape == tuple(hw):
+        return u8
+    return np.asarray(Image.fromarray(u8).resize((int(hw[1]), int(hw[0])), RESAMPLE))
+
+
+def list_images(root, exclude=()):
+    """Relative posix paths of the image files under root (recursive, sorted). Hidden files and
+    folders (e.g. atomic_write's '.name.XXXX.tmp' leftovers) and the folders in exclude are skipped."""
+    root = os.path.abspath(root)
+    exclude = {os.path.abspath(e) for e in exclude}
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith('.') and os.path.join(dirpath, d) not in exclude)
+        for f in filenames:
+            if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, '/'))
+    return sorted(out)
+
+
+_STRAY_TEMP = re.compile(r'\..+\.[A-Za-z0-9_]{8}\.tmp')  # atomic_write's mkstemp names: .<name>.<8 random>.tmp
+
+
+def _remove_stray_temps(folder):
+    """Remove atomic_write leftovers ('.<name>.<8 random chars>.tmp') of an interrupted run under folder."""
+    n = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for f in filenames:
+            if _STRAY_TEMP.fullmatch(f):
+                os.remove(os.path.join(dirpath, f))
+                n += 1
+    return n
+
+
+# -----------------------------------------------------------------------------
+# k-means over image sizes
+
+def cluster_sizes(hw, n_clusters=N_CLUSTERS, seed=SEED):
+    """hw: int array (N, 2) of (H, W). Returns (centres, labels): centres int (K, 2) sorted (H, W) with
+    K = min(n_clusters, distinct sizes), labels (N,) the centre index of each size.
+
+    Feature space: (log H, log W). Squared distances there are squared *relative* changes of height
+    and width, so a 20x60 image and a 200x600 image count the same error for the same relative
+    distortion (in pixels, large images would dominate and small ones be squeezed hard), and the
+    aspect-ratio change log(W'/H') - log(W/H) is a difference of the two coordinates, so it is small
+    when both are. Each centre is the geometric mean of its sizes, rounded to integer pixels.
+    k-means runs on the distinct sizes weighted by their counts (same optimum, much faster).
+
+    Worked example: sizes 40x120 (x3), 41x118, 80x300, k=2 -> one centre near 40x120 (the two close
+    sizes), one at 80x300; with k >= 3 every distinct size is its own centre (no distortion).
+    """
+    hw = np.asarray(hw, dtype=np.int64).reshape(-1, 2)
+    distinct, inverse, counts = np.unique(hw, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    if len(distinct) <= n_clusters:  # nothing to merge: every distinct size is a cluster
+        return distinct, inverse
+    from sklearn.cluster import KMeans  # lazy: importing proc (render.py does) stays fast
+    x = np.log(distinct.astype(np.float64))  # (D, 2) features (log H, log W)
+    km = KMeans(n_clusters=n_clusters, n_init=KMEANS_N_INIT, random_state=seed).fit(x, sample_weight=counts)
+    centres = np.maximum(1, np.rint(np.exp(km.cluster_centers_))).astype(np.int64)  # (K, 2)
+    order = np.lexsort((centres[:, 1], centres[:, 0]))  # stable ids: sorted by (H, W)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return centres[order], rank[km.labels_][inverse]
+
+
+def _aspect_change(src_hw, dst_hw):
+    """Relative change of the aspect ratio W/H, |(W'/H') / (W/H) - 1|, per row of (N, 2) arrays."""
+    src = np.asarray(src_hw, dtype=np.float64)
+    dst = np.asarray(dst_hw, dtype=np.float64)
+    return np.abs((dst[:, 1] / dst[:, 0]) / (src[:, 1] / src[:, 0]) - 1.0)
+
+
+def _load_cache(path):
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding='utf-8') as f:
+            cache = json.load(f)
+        if cache.get('version') != CACHE_VERSION or not isinstance(cache.get('images'), dict):
+            raise ValueError(f'unknown format (version {cache.get("version")!r})')
+        return cache
+    except (OSError, ValueError) as e:
+        print(f'{path}: ignoring the cache ({e}); every image is read and written again', file=sys.stderr)
+        return {}
+
+
+def _write_cache(path, img_root, n_clusters, seed, entries):
+    cache = {'version': CACHE_VERSION, 'method': RESIZE_METHOD, 'img_root': os.path.abspath(img_root),
+             'n_clusters': n_clusters, 'seed': seed, 'images': entries}
+
+    def writer(tmp):
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(cache, f, separators=(',', ':'))
+    atomic_write(path, writer)
+
+
+def _read_size_task(task):
+    """Worker: (rel, path) -> (rel, path, mtime_ns, bytes, (H, W) or None, error or None).
+    Decodes the whole image so a truncated file is found here, before it takes part in clustering."""
+    rel, path = task
+    try:
+        st = os.stat(path)  # before reading: a later edit shows up as a new mtime next run
+        shape = load_gray(path).shape
+        return rel, path, st.st_mtime_ns, st.st_size, shape, None
+    except ImageError as e:
+        return rel, path, None, None, None, e.reason
+    except OSError as e:
+        return rel, path, None, None, None, str(e)
+
+
+def _resize_task(task):
+    """Worker: (rel, src, dst, (H, W)) -> (rel, error or None)."""
+    rel, src, dst, hw = task
+    try:
+        _save_png(_resize(load_gray(src), hw), dst)
+        return rel, None
+    except ImageError as e:
+        return rel, e.reason
+
+
+def kmeans_for_img_size(img_root, caching=True, resize=True, n_clusters=N_CLUSTERS, out_root=None,
+                        seed=SEED, workers=None, problems=None):
+    """Cluster the sizes of every image under img_root into min(n_clusters, distinct sizes) sizes
+    (see cluster_sizes) and write each image, resized to its cluster's size, as a grayscale PNG under
+    out_root (default img_root + '_resized'; same relative path, file stem + '.png').
+
+    caching: read <out_root>/.kmeans.json and skip what is up to date (same source mtime and byte
+    size, same target size, output present); False reads and rewrites everything (the cache is still
+    written afterwards). The cache is written while resizing, so an interrupted run resumes.
+    Outputs of sources that disappeared (or turned corrupt) are removed, using the cache's record of
+    what this function wrote; nothing else in out_root is touched, img_root never.
+    resize=False: cluster and report only; nothing is written.
+    Corrupt images are reported to problems ('corrupt image'), skipped and counted.
+
+    Returns {'sizes': {rel: (H, W) target}, 'centres': [(H, W), ...], 'counts': [n per centre],
+    'distinct': int, 'aspect_mean': float, 'aspect_max': float, 'images': int, 'written': int,
+    'unchanged': int, 'removed': int, 'skipped': int, 'img_root': str, 'out_root': str, 'resize': bool,
+    'seconds': float}.
+    """
+    t0 = time.time()
+    problems = Problems() if problems is None else problems
+    img_root = os.path.normpath(os.fspath(img_root))
+    if not os.path.isdir(img_root):
+        raise FileNotFoundError(f'{img_root}: no such folder')
+    out_root = os.path.normpath(os.fspath(out_root)) if out_root else img_root + '_resized'
+    if os.path.abspath(out_root) == os.path.abspath(img_root):
+        raise ValueError(f'{out_root}: the output folder must differ from the input folder '
+                         '(originals are never overwritten)')
+    skipped_before = len(problems)
+    cache_path = os.path.join(out_root, CACHE_NAME)
+    old = _load_cache(cache_path)
+    old_images = old.get('images', {})
+    usable = caching and old.get('method') == RESIZE_METHOD
+    cached = old_images if usable else {}
+
+    # 1. list the images; output names (stem + '.png') must not collide
+    out_of, owner = {}, {}
+    for rel in list_images(img_root, exclude=[out_root]):
+        out_rel = os.path.splitext(rel)[0] + '.png'
+        if out_rel in owner:
+            problems.report(os.path.join(img_root, rel), None, 'name collision',
+                            f'same output name {out_rel} as {owner[out_rel]}: skipped (rename one of them)')
+            continue
+        owner[out_rel] = rel
+        out_of[rel] = out_rel
+
+    # 2. source sizes: from the cache when mtime and byte size match, else decode (in parallel)
+    entries, todo = {}, []
+    for rel, out_rel in out_of.items():
+        path = os.path.join(img_root, rel)
+        e = cached.get(rel)
+        e = e if isinstance(e, dict) and isinstance(e.get('src'), list) and len(e['src']) == 2 else None
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            problems.report(path, None, 'missing image', f'cannot stat ({err})')
+            continue
+        if e and e.get('mtime_ns') == st.st_mtime_ns and e.get('bytes') == st.st_size and e.get('out') == out_rel:
+            entries[rel] = {'src': list(e['src']), 'mtime_ns': st.st_mtime_ns, 'bytes': st.st_size,
+                            'out': out_rel, 'target': e.get('target')}
+        else:
+            todo.append((rel, path))
+    bad = []  # reported after the progress bar is closed, so messages and bar do not interleave
+    for rel, path, mtime_ns, nbytes, shape, err in _pmap(_read_size_task, todo, workers, 'reading sizes'):
+        if err:
+            bad.append((path, err))
+            continue
+        entries[rel] = {'src': list(shape), 'mtime_ns': mtime_ns, 'bytes': nbytes, 'out': out_of[rel],
+                        'target': None}  # None: no up-to-date output yet
+    for path, err in sorted(bad):
+        problems.report(path, None, 'corrupt image', f'{err}: skipped')
+
+    # 3. cluster
+    names = sorted(entries)
+    result = {'sizes': {}, 'centres': [], 'counts': [], 'distinct': 0, 'aspect_mean': 0.0,
+              'aspect_max': 0.0, 'images': len(names), 'written': 0, 'unchanged': 0, 'removed': 0,
+              'skipped': 0, 'img_root': img_root, 'out_root': out_root, 'resize': bool(resize)}
+    if names:
+        src = np.array([entries[n]['src'] for n in names], dtype=np.int64)  # (N, 2)
+        centres, labels = cluster_sizes(src, n_clusters, seed)
+        dst = centres[labels]  # (N, 2) target size of every image
+        change = _aspect_change(src, dst)
+        used = np.unique(dst, axis=0)
+        result.update(
+            sizes={n: (int(h), int(w)) for n, (h, w) in zip(names, dst)},
+            centres=[(int(h), int(w)) for h, w in used],
+            counts=[int(np.sum(np.all(dst == c, axis=1))) for c in used],
+            distinct=len(used), aspect_mean=float(change.mean()), aspect_max=float(change.max()))
+
+    # 4. resize what is new or changed
+    if resize:
+        os.makedirs(out_root, exist_ok=True)
+        _remove_stray_temps(out_root)
+        current_outs = {e['out'] for e in entries.values()}
+        for rel, e in old_images.items():  # outputs we wrote for sources that are gone or now bad
+            out_rel = e.get('out') if isinstance(e, dict) else None
+            if rel not in entries and out_rel and out_rel not in current_outs:
+                p = os.path.join(out_root, out_rel)
+                if os.path.isfile(p):
+                    os.remove(p)
+                    result['removed'] += 1
+        tasks = []
+        for rel in names:
+            e, target = entries[rel], list(result['sizes'][rel])
+            out_path = os.path.join(out_root, e['out'])
+            if caching and e['target'] == target and os.path.isfile(out_path):
+                result['unchanged'] += 1
+            else:
+                tasks.append((rel, os.path.join(img_root, rel), out_path, tuple(target)))
+        _write_cache(cache_path, img_root, n_clusters, seed, entries)  # sizes survive an interruption
+        last_flush, bad = time.time(), []
+        try:
+            for rel, err in _pmap(_resize_task, tasks, workers, f'resizing {os.path.basename(img_root)}'):
+                if err:
+                    bad.append((os.path.join(img_root, rel), err))
+                    stale = os.path.join(out_root, entries.pop(rel)['out'])
+                    if os.path.isfile(stale):  # an output of an earlier version of this source
+                        os.remove(stale)
+                        result['removed'] += 1
+                    result['sizes'].pop(rel, None)
+                    continue
+                entries[rel]['target'] = list(result['sizes'][rel])
+                result['written'] += 1
+                if time.time() - last_flush > FLUSH_SECONDS:
+                    _write_cache(cache_path, img_root, n_clusters, seed, entries)
+                    last_flush = time.time()
+        finally:  # also on Ctrl-C: what was written is recorded
+            _write_cache(cache_path, img_root, n_clusters, seed, entries)
+        for path, err in sorted(bad):
+            problems.report(path, None, 'corrupt image', f'{err}: skipped')
+    result['skipped'] = len(problems) - skipped_before
+    result['seconds'] = time.time() - t0
+    return result
+
+
+def format_report(r):
+    """Human-readable summary of a kmeans_for_img_size result (a few lines)."""
+    sizes = ', '.join(f'{h}x{w} ({n})' for (h, w), n in zip(r['centres'], r['counts']))
+    lines = [f'{r["img_root"]}: {r["images"]} images -> {r["distinct"]} distinct sizes (H x W, images):',
+             textwrap.fill(sizes, width=100, initial_indent='  ', subsequent_indent='  ') if sizes else '  (none)',
+             f'  aspect-ratio change: mean {r["aspect_mean"]:.2%}, max {r["aspect_max"]:.2%}',
+             f'  {r["out_root"]}: {r["written"]} written, {r["unchanged"]} unchanged, '
+             f'{r["removed"]} stale removed, {r["skipped"]} skipped ({r["seconds"]:.1f} s)'
+             if r.get('resize', True) else
+             f'  clustered only (nothing written), {r["skipped"]} skipped ({r["seconds"]:.1f} s)']
+    return '\n'.join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Deng et al. processing of a full-page render
+
+def _pick_bucket(h, w, buckets_wh):
+    """Smallest bucket (by area; ties in the given order) that holds h x w, as (H, W); None if none."""
+    for i in sorted(range(len(buckets_wh)), key=lambda i: (buckets_wh[i][0] * buckets_wh[i][1], i)):
+        bw, bh = buckets_wh[i]
+        if w <= bw and h <= bh:
+            return bh, bw
+    return None
+
+
+def deng_process(page, pad=DENG_PAD, buckets_wh=DENG_BUCKETS_WH, downsample=DENG_DOWNSAMPLE,
+                 threshold=INK_THRESHOLD):
+    """Deng et al. 2017 (im2markup preprocess_images.py) on a page, uint8 (H, W) white = 255:
+    crop to the ink, pad `pad` px of white on every side, paste top-left into the smallest bucket
+    that holds it (if none does, shrink the crop to fit the largest bucket), downsample by
+    `downsample` with Lanczos. Returns uint8 (H', W'), or None for a blank page. Pure and fast.
+
+    Ink = pixels darker than `threshold`, plus the fainter non-white pixels within 1 px of it (the
+    antialiased fringe of the glyphs), so faint specks elsewhere on the page do not grow the crop
+    while a clean render crops exactly as Deng's (`!= 255`).
+
+    Worked example: ink 100 wide x 30 high -> padded 116 x 46 -> bucket 240x100 (W x H), ink at
+    (8, 8) -> downsampled x2 -> array of shape (50, 120) with the ink at (4, 4).
+    """
+    page = np.asarray(page)
+    if page.ndim != 2 or page.dtype != np.uint8:
+        raise ValueError(f'deng_process needs a uint8 (H, W) page, got {page.dtype} {page.shape}')
+    ink = page < threshold
+    rows = np.flatnonzero(ink.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(ink.any(axis=0))
+    r0, r1 = max(rows[0] - 1, 0), min(rows[-1] + 1, page.shape[0] - 1)  # grow 1 px, then keep
+    c0, c1 = max(cols[0] - 1, 0), min(cols[-1] + 1, page.shape[1] - 1)  # only non-white pixels
+    win = page[r0:r1 + 1, c0:c1 + 1] < 255
+    rows, cols = np.flatnonzero(win.any(axis=1)), np.flatnonzero(win.any(axis=0))
+    crop = page[r0 + rows[0]:r0 + rows[-1] + 1, c0 + cols[0]:c0 + cols[-1] + 1]  # (h, w)
+    h, w = crop.shape
+    bucket = _pick_bucket(h + 2 * pad, w + 2 * pad, buckets_wh)
+    if bucket is None:  # Deng leaves such pages unbucketed; we shrink them into the largest bucket
+        bw, bh = max(buckets_wh, key=lambda b: b[0] * b[1])
+        s = min((bw - 2 * pad) / w, (bh - 2 * pad) / h)
+        crop = _resize(crop, (max(1, int(h * s)), max(1, int(w * s))))
+        h, w = crop.shape
+        bucket = (bh, bw)
+    bh, bw = bucket
+    canvas = np.full((bh, bw), 255, dtype=np.uint8)  # (H, W) of the bucket
+    canvas[pad:pad + h, pad:pad + w] = crop
+    if downsample != 1:  # Deng: int(size / ratio), Lanczos
+        canvas = _resize(canvas, (int(bh / downsample), int(bw / downsample)))
+    return canvas
+
+
+# -----------------------------------------------------------------------------
+# import of the public im2latex-100k release
+
+def clean_formula(s):
+    """Every run of white space (including '\\r', tabs, Unicode spaces) -> one space, ends stripped;
+    a trailing control space ('\\ ') is kept."""
+    s = re.sub(r'\s+', ' ', s.lstrip('\ufeff')).lstrip()
+    if s.endswith(' '):
+        body = s[:-1]
+        backslashes = len(body) - len(body.rstrip('\\'))
+        s = s if backslashes % 2 == 1 else body
+    return s
+
+
+def read_formulas(path, problems):
+    """The release's formulas file: one formula per b'\\n'-separated line ('\\r' inside a formula is
+    white space). UTF-8, falling back to Latin-1 for a line that is not (reported, still used)."""
+    with open(path, 'rb') as f:
+        lines = f.read().split(b'\n')
+    if lines and lines[-1] == b'':
+        lines.pop()
+    out = []
+    for i, b in enumerate(lines):
+        try:
+            s = b.decode('utf-8')
+        except UnicodeDecodeError as e:
+            s = b.decode('latin-1')
+            problems.report(path, i + 1, 'not utf-8', f'not UTF-8 (byte {e.start}: {e.reason}); read as Latin-1')
+        out.append(clean_formula(s))
+    return out
+
+
+def _read_list(path, variant, problems):
+    """-> [(line number, image file name, formula index)]. raw: 'formula_idx image_name render_type';
+    processed: 'image_name.png formula_idx'."""
+    expected = ("'formula_idx image_name render_type'" if variant == 'raw'
+                else "'image_name.png formula_idx'")
+    with open(path, 'rb') as f:
+        lines = f.read().split(b'\n')
+    out = []
+    for i, b in enumerate(lines, 1):
+        try:
+            fields = b.decode('utf-8').split()
+        except UnicodeDecodeError:
+            problems.report(path, i, 'bad line', f'not UTF-8, expected {expected}: skipped')
+            continue
+        if not fields:
+            continue
+        try:
+            if variant == 'raw' and len(fields) in (2, 3):
+                idx, name = int(fields[0]), fields[1]
+                name = name if name.lower().endswith('.png') else name + '.png'
+            elif variant == 'processed' and len(fields) == 2:
+                name, idx = fields[0], int(fields[1])
+            else:
+                raise ValueError
+        except ValueError:
+            problems.report(path, i, 'bad line', f'expected {expected}, got {b[:80]!r}: skipped')
+            continue
+        if name != os.path.basename(name) or name.startswith('.'):
+            problems.report(path, i, 'bad line', f'image name {name!r} is not a plain file name: skipped')
+            continue
+        out.append((i, name, idx))
+    return out
+
+
+def detect_variant(src):
+    """'processed' or 'raw' by the files in src (processed wins when both are there)."""
+    for variant, formulas, suffix in (('processed', 'im2latex_formulas.norm.lst', '_filter'),
+                                      ('raw', 'im2latex_formulas.lst', '')):
+        if os.path.isfile(os.path.join(src, formulas)) and any(
+                os.path.isfile(os.path.join(src, f'im2latex_{s}{suffix}.lst')) for s, _ in SPLIT_FILES):
+            return variant
+    raise FileNotFoundError(
+        f'{src}: not an im2latex-100k release: expected im2latex_formulas.lst + im2latex_{{train,validate,test}}.lst '
+        '(raw) or im2latex_formulas.norm.lst + im2latex_{train,validate,test}_filter.lst (processed)')
+
+
+def _import_task(task):
+    """Worker: (name, src, dst, variant) -> (name, status, message); status 'ok', 'blank', 'corrupt'."""
+    name, src, dst, variant = task
+    try:
+        if variant == 'raw':
+            out = deng_process(load_gray(src))
+            if out is None:
+                return name, 'blank', 'blank page (no ink): skipped'
+            _save_png(out, dst)
+        else:
+            u8 = load_gray(src)  # validates the whole file
+            if not (u8 < INK_THRESHOLD).any():
+                return name, 'blank', 'blank image (no ink): skipped'
+            with Image.open(src) as im:
+                plain = im.format == 'PNG' and im.mode == 'L'
+            if plain:
+                atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+            else:  # e.g. the release's RGB PNGs: store grayscale like every image of the repo
+                _save_png(u8, dst)
+        return name, 'ok', ''
+    except ImageError as e:
+        return name, 'corrupt', f'{e.reason}: skipped'
+
+
+def import_im2latex(src, root_dir, workers=None, problems=None, variant='auto'):
+    """Import the public im2latex-100k release in src into <root_dir>/images/ and
+    <root_dir>/labels/{train,val,test}.txt (validate -> val; lines '<image>.png\\t<formula>').
+
+    raw variant: im2latex_formulas.lst, im2latex_{train,validate,test}.lst, full pages in
+    src/formula_images/ or src/images/ -> deng_process. processed variant: im2latex_formulas.norm.lst,
+    im2latex_{split}_filter.lst, images in src/formula_images_processed/ or src/images/ -> copied
+    (grayscale PNG kept byte for byte, other modes converted). Missing images, bad lines, out-of-range
+    formula indexes, empty formulas, duplicate names, corrupt images and blank pages/images are
+    reported to problems and skipped. Images already in <root_dir>/images/ are not redone (resumable).
+
+    Returns {'variant', 'image_dir', 'splits': {split: n samples}, 'written', 'existing', 'skipped', 'seconds'}.
+    """
+    t0 = time.time()
+    problems = Problems() if problems is None else problems
+    src, root_dir = os.fspath(src), os.fspath(root_dir)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f'{src}: no such folder')
+    variant = detect_variant(src) if variant == 'auto' else variant
+    if variant not in ('raw', 'processed'):
+        raise ValueError(f'variant must be auto, raw or processed, not {variant!r}')
+    candidates = RAW_IMAGE_DIRS if variant == 'raw' else PROCESSED_IMAGE_DIRS
+    image_dirs = [os.path.join(src, d) for d in candidates if os.path.isdir(os.path.join(src, d))]
+    if not image_dirs:
+        raise FileNotFoundError(f'{src}: no image folder ({" or ".join(candidates)}) for the {variant} variant')
+    img_dir, out_dir = image_dirs[0], os.path.join(root_dir, 'images')
+    if variant == 'raw' and os.path.realpath(img_dir) == os.path.realpath(out_dir):
+        raise ValueError(f'{img_dir} would be overwritten by the processed images: choose another --root_dir')
+    skipped_before = len(problems)
+    formulas_path = os.path.join(src, 'im2latex_formulas.norm.lst' if variant == 'processed'
+                                 else 'im2latex_formulas.lst')
+    formulas = read_formulas(formulas_path, problems)
+
+    samples = {}  # our split -> [(name, formula)]
+    seen, tasks, existing = {}, [], 0
+    for theirs, ours in SPLIT_FILES:
+        list_path = os.path.join(src, f'im2latex_{theirs}{"_filter" if variant == "processed" else ""}.lst')
+        if not os.path.isfile(list_path):
+            print(f'{list_path}: not found, no {ours} split', file=sys.stderr)
+            continue
+        samples[ours] = []
+        for lineno, name, idx in _read_list(list_path, variant, problems):
+            if not 0 <= idx < len(formulas):
+                problems.report(list_path, lineno, 'formula index out of range',
+                                f'formula index {idx} not in 0..{len(formulas) - 1} of {formulas_path}: skipped')
+                continue
+            if not formulas[idx]:
+                problems.report(list_path, lineno, 'empty formula',
+                                f'formula {idx} ({formulas_path}:{idx + 1}) is empty: skipped')
+                continue
+            if name in seen:
+                problems.report(list_path, lineno, 'duplicate image', f'{name} already used at {seen[name]}: skipped')
+                continue
+            seen[name] = f'{list_path}:{lineno}'
+            src_img, dst_img = os.path.join(img_dir, name), os.path.join(out_dir, name)
+            if os.path.isfile(dst_img):
+                existing += 1
+            elif not os.path.isfile(src_img):
+                problems.report(list_path, lineno, 'missing image', f'image {src_img} not found: skipped')
+                continue
+            else:
+                tasks.append((name, src_img, dst_img, variant))
+            samples[ours].append((name, formulas[idx]))
+
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_stray_temps(out_dir)
+    failed, written = {}, 0
+    for name, status, msg in _pmap(_import_task, tasks, workers, f'importing {variant} im2latex'):
+        if status == 'ok':
+            written += 1
+        else:
+            failed[name] = (status, msg)
+    for name, (status, msg) in sorted(failed.items()):  # after the progress bar
+        problems.report(os.path.join(img_dir, name), None, 'blank page' if status == 'blank' else 'corrupt image', msg)
+
+    counts = {}
+    for split, items in samples.items():
+        lines = [f'{name}\t{formula}\n' for name, formula in items if name not in failed]
+        counts[split] = len(lines)
+
+        def writer(tmp, lines=lines):
+            with open(tmp, 'w', encoding='utf-8', newline='\n') as f:
+                f.writelines(lines)
+        atomic_write(os.path.join(root_dir, 'labels', f'{split}.txt'), writer)
+    return {'variant': variant, 'image_dir': img_dir, 'splits': counts, 'written': written,
+            'existing': existing, 'skipped': len(problems) - skipped_before, 'seconds': time.time() - t0}
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description='Re-cluster image sizes with k-means and resize (default: the math and chemistry '
+                    'sets of --root_dir), or import the public im2latex-100k release.')
+    p.add_argument('--root_dir', default=DEFAULT_ROOT,
+                   help='data root; without --img_root, <root_dir>/adaptation_data/{math,chemistry}_images '
+                        'are clustered into *_images_resized; --import_im2latex writes here (default: %(default)s)')
+    p.add_argument('--img_root', default=None, help='cluster and resize the images of this folder instead')
+    p.add_argument('--out', default=None, help='output folder for --img_root (default: <img_root>_resized)')
+    p.add_argument('--clusters', type=int, default=N_CLUSTERS,
+                   help='number of k-means sizes, fewer if there are fewer distinct sizes (default: %(default)s)')
+    p.add_argument('--no_cache', action='store_true',
+                   help='ignore the cache (<out>/.kmeans.json): read every image and rewrite every output')
+    p.add_argument('--no_resize', action='store_true', help='only cluster and report; write nothing')
+    p.add_argument('--workers', type=int, default=None, help='worker processes (default: all CPU cores)')
+    p.add_argument('--seed', type=int, default=SEED, help='k-means random seed (default: %(default)s)')
+    p.add_argument('--import_im2latex', metavar='SRC', default=None,
+                   help='import the im2latex-100k release in SRC (raw or processed variant) into --root_dir')
+    p.add_argument('--variant', choices=('auto', 'raw', 'processed'), default='auto',
+                   help='which variant of the release --import_im2latex reads; auto takes processed if present '
+                        '(default: %(default)s)')
+    args = p.parse_args(argv)
+    if args.clusters < 1:
+        p.error('--clusters must be >= 1')
+    if args.out and not args.img_root:
+        p.error('--out needs --img_root')
+    problems = Problems()
+
+    if args.import_im2latex:
+        try:
+            r = import_im2latex(args.import_im2latex, args.root_dir, args.workers, problems, args.variant)
+        except (FileNotFoundError, ValueError) as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+        splits = ', '.join(f'{s} {n}' for s, n in r['splits'].items())
+        print(f'imported the {r["variant"]} im2latex-100k release into {args.root_dir}: {splits} samples; '
+              f'{r["written"]} images written, {r["existing"]} already there ({r["seconds"]:.1f} s)')
+        if problems.summary():
+            print(problems.summary())
+        return 0
+
+    if args.img_root:
+        jobs = [(args.img_root, args.out)]
+    else:
+        jobs = []
+        for domain in ('math', 'chemistry'):
+            folder = os.path.join(args.root_dir, 'adaptation_data', f'{domain}_images')
+            if os.path.isdir(folder):
+                jobs.append((folder, None))
+            else:
+                print(f'{folder}: not found, no {domain} images to re-cluster. '
+                      f'`python3 render.py --root_dir {args.root_dir}` makes the demo data there.', file=sys.stderr)
+    if not jobs:
+        return 1
+    status = 0
+    for img_root, out in jobs:
+        try:
+            r = kmeans_for_img_size(img_root, caching=not args.no_cache, resize=not args.no_resize,
+                                    n_clusters=args.clusters, out_root=out, seed=args.seed,
+                                    workers=args.workers, problems=problems)
+        except (FileNotFoundError, ValueError) as e:
+            print(f'error: {e}', file=sys.stderr)
+            status = 2
+            continue
+        print(format_report(r))
+    if problems.summary():
+        print(problems.summary())
+    return status
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,859 @@
+"""Evaluate an image-to-LaTeX checkpoint on a split with the field's metrics, or transcribe images.
+
+    python3 test.py --test_on math --mean_teacher          # runs/math/best.pt on math/test
+    python3 test.py --test_on openai --beam 5 --render_eval --report worst.html
+    python3 test.py --weights runs/openai/best.pt --image a.png b.jpg scans/
+    python3 test.py --score runs/math/predictions_math_test.tsv   # re-score a predictions file
+
+Evaluation writes to <out_dir>/<test_on>/ (Deng et al. 2017 column order, so im2markup's scripts
+can re-score the predictions):
+    predictions_<domain>_<split>.tsv    image \\t gold \\t pred \\t score_pred \\t score_gold
+    metrics_<domain>_<split>.json       the metrics, the checkpoint, how it was decoded, timing
+The TSV has no header; gold and pred are space-joined tokens; the scores are the model's summed
+log-probabilities of its prediction and of the gold (<eos> included; nan if the gold is longer than
+the model's positions), so score_gold > score_pred flags a search error.
+
+Metrics (DESIGN.md), on token sequences:
+    BLEU-4               corpus BLEU of the space-joined tokens, == multi-bleu.perl (0-100)
+    edit accuracy        1 - sum lev(g, p) / sum max(len g, len p)       (Deng et al. 2017)
+    norm. edit distance  mean of lev(g, p) / max(len g, len p)          (pix2tex)
+    exact match          share of samples whose token sequences are equal
+    image match          (--render_eval) Deng's image exact match and column edit accuracy
+
+Transcription (--image) prints `path<TAB>latex` per image to stdout, in input order; an image that
+cannot be read prints `path<TAB>ERROR: reason` in its place (a model output is space-joined tokens,
+so it never starts with 'ERROR:'), and the exit code is 1 if any image failed.
+"""
+import argparse
+import base64
+import concurrent.futures
+import contextlib
+import datetime
+import difflib
+import functools
+import html
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from rapidfuzz.distance import Levenshtein
+from sacrebleu.metrics import BLEU
+from tqdm import tqdm
+
+import data
+
+# -----------------------------------------------------------------------------
+# defaults of the flags below
+OUT_DIR = 'runs'
+SPLIT = 'test'
+BATCHSZ = 32          # images per decoding batch (beam search keeps beam x this many hypotheses)
+BEAM = 1              # 1 = greedy
+MAX_LEN = 150         # decoding stops after this many tokens
+LENGTH_PENALTY = 1.0  # beam score = sum log p / ((5 + len) / 6) ** LENGTH_PENALTY (Wu et al. 2016)
+REPORT_N = 50         # samples in the --report page
+PREPROCESS = 'crop'   # --image: crop to ink + pad, keep resolution
+# constants
+CROP_PAD = 8          # px of white around the ink (as Deng's processing)
+MAX_SIDE = 800        # --preprocess crop: longer images are shrunk to fit (Deng's largest bucket / 2)
+CHUNK = 1024          # --image: images loaded and decoded per chunk (bounds memory on big folders)
+
+
+# -----------------------------------------------------------------------------
+# metrics (DESIGN.md); all take lists of token lists
+
+def _bleu_stats(golds, preds):
+    _check_pairs(golds, preds)
+    # tokenize='none': the space-joined tokens are split on white space, exactly as multi-bleu.perl;
+    # no smoothing: a zero n-gram count gives 0, as multi-bleu.perl
+    metric = BLEU(tokenize='none', smooth_method='none', lowercase=False, force=True, effective_order=False)
+    return metric.corpus_score([' '.join(p) for p in preds], [[' '.join(g) for g in golds]])
+
+
+def bleu4(golds, preds):
+    """Corpus BLEU-4 (Papineni et al. 2002) in 0-100, equal to multi-bleu.perl on the space-joined
+    tokens: clipped n-gram precisions pooled over the corpus, geometric mean of orders 1-4, brevity
+    penalty exp(1 - ref_len / hyp_len) when the predictions are shorter in total. 0 for no samples
+    (multi-bleu.perl would print 0 too) and when any order has no matching n-gram."""
+    if len(golds) == 0 and len(preds) == 0:
+        return 0.0
+    return float(_bleu_stats(golds, preds).score)
+
+
+def _check_pairs(golds, preds):
+    if len(golds) != len(preds):
+        raise ValueError(f'{len(golds)} gold sequences but {len(preds)} predictions')
+
+
+def _distances(golds, preds):
+    """Token-level Levenshtein distances and max lengths, one pair per sample."""
+    _check_pairs(golds, preds)
+    lev = [Levenshtein.distance(list(g), list(p)) for g, p in zip(golds, preds)]
+    longest = [max(len(g), len(p)) for g, p in zip(golds, preds)]
+    return lev, longest
+
+
+def edit_accuracy(golds, preds):
+    """Deng et al. 2017: 1 - sum lev(g, p) / sum max(len g, len p); 1.0 when every sequence is empty."""
+    lev, longest = _distances(golds, preds)
+    return _edit_accuracy(lev, longest)
+
+
+def _edit_accuracy(lev, longest):
+    total = sum(longest)
+    return 1.0 - sum(lev) / total if total else 1.0
+
+
+def normalized_edit_distance(golds, preds):
+    """Mean over samples of lev(g, p) / max(len g, len p) (0 for two empty sequences); 0.0 for no samples."""
+    lev, longest = _distances(golds, preds)
+    return _norm_edit_distance(lev, longest)
+
+
+def _norm_edit_distance(lev, longest):
+    per = [d / m if m else 0.0 for d, m in zip(lev, longest)]
+    return sum(per) / len(per) if per else 0.0
+
+
+def exact_match(golds, preds):
+    """Share of samples whose token sequences are equal (token strings compared; 0.0 for no samples)."""
+    _check_pairs(golds, preds)
+    return sum(list(g) == list(p) for g, p in zip(golds, preds)) / len(golds) if golds else 0.0
+
+
+def compute_metrics(golds, preds):
+    """All DESIGN.md text metrics of token sequences golds[i] vs preds[i] -> dict
+    {'bleu4' (0-100), 'edit_accuracy', 'norm_edit_distance', 'exact_match' (0-1), 'n'}."""
+    lev, longest = _distances(golds, preds)
+    return {'bleu4': bleu4(golds, preds),
+            'edit_accuracy': _edit_accuracy(lev, longest),
+            'norm_edit_distance': _norm_edit_distance(lev, longest),
+            'exact_match': exact_match(golds, preds),
+            'n': len(golds)}
+
+
+METRIC_NAMES = (('bleu4', 'BLEU-4', '{:.2f}'), ('edit_accuracy', 'edit accuracy', '{:.4f}'),
+                ('norm_edit_distance', 'norm. edit distance', '{:.4f}'), ('exact_match', 'exact match', '{:.4f}'),
+                ('image_match', 'image match', '{:.4f}'), ('column_edit_accuracy', 'column edit accuracy', '{:.4f}'))
+
+
+def format_metrics(metrics):
+    """A small two-column table of the metrics present in `metrics`."""
+    lines = [f'  {label:<22}{fmt.format(metrics[key])}' for key, label, fmt in METRIC_NAMES if key in metrics]
+    return '\n'.join(lines)
+
+
+# -----------------------------------------------------------------------------
+# decoding
+
+class Record(NamedTuple):
+    """One decoded sample. A tuple (index, gold, pred, score_pred, score_gold) that also answers
+    record['gold'] etc. gold/pred are token lists; scores are summed log-probabilities (nan if unknown)."""
+    index: int
+    gold: list
+    pred: list
+    score_pred: float
+    score_gold: float
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple.__getitem__(self, key)
+
+
+def amp_context(device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype)
+
+
+def decode_batch(model, images=None, beam=1, max_len=MAX_LEN, length_penalty=LENGTH_PENALTY, memory=None):
+    """(B, 1, H, W) images of one size (or their memory) -> (id lists without SOS/EOS, (B,) summed
+    log-probs of them, <eos> included when emitted). Greedy (cached) for beam 1, else beam search, which
+    picks by the length-normalised score but returns the plain sum here: the scale of score_gold."""
+    if beam <= 1:
+        return model.greedy(images=images, memory=memory, max_len=max_len)
+    best = model.beam_search_nbest(images=images, memory=memory, beam=beam, max_len=max_len,
+                                   length_penalty=length_penalty)
+    ids = [hyps[0][2] for hyps in best]                      # hyps: (score, summed log-prob, ids), best first
+    logp = torch.tensor([hyps[0][1] for hyps in best], dtype=torch.float32)
+    return ids, logp
+
+
+def model_max_len(model):
+    """Longest token sequence (positions) the model's decoder accepts."""
+    return int(getattr(model, 'hparams', {}).get('max_len', 10 ** 9))
+
+
+def gold_logprob(model, tgt, memory):
+    """model.sequence_logprob of tgt (B, T) = [SOS] ids [EOS], PAD-padded, given the memory; nan for a
+    gold sequence longer than the decoder's positions (such a formula is still decoded and scored)."""
+    limit = model_max_len(model)                       # positions the decoder input tgt[:, :-1] may use
+    lengths = (tgt != data.PAD).sum(dim=1)             # (B,) incl. SOS and EOS
+    fits = lengths - 1 <= limit
+    out = torch.full((tgt.shape[0],), math.nan)
+    if fits.any():
+        rows = fits.nonzero()[:, 0]
+        sub = tgt[rows, :int(lengths[rows].max())]    # (b, T') only fitting rows, trailing PAD cut
+        out[rows.cpu()] = model.sequence_logprob(None, sub, memory=memory[rows]).float().cpu()
+    return out
+
+
+@torch.no_grad()
+def decode_dataset(model, loader, vocab, beam=1, max_len=MAX_LEN, amp_dtype=None, device=None, *,
+                   progress=True, gold_scores=True, length_penalty=LENGTH_PENALTY, desc='decode'):
+    """Decode every sample of `loader` (data.make_loader over a FormulaDataset, shuffle off or on)
+    -> list of Record(index, gold tokens, pred tokens, score_pred, score_gold) sorted by index.
+
+    gold tokens are the dataset's token strings (not vocab ids), so a gold token the vocab lacks can
+    never be matched by a prediction: it counts as an error. score_gold is the model's summed log-prob
+    of the gold ids ([SOS] .. [EOS], unknown tokens as <unk>); gold_scores=False skips it (nan).
+    The model is put in eval mode for the call and then back in its previous mode."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    max_len = min(max_len, model_max_len(model))       # the model cannot emit more positions
+    dataset = loader.dataset
+    gold_tokens = getattr(dataset, 'tokens', None)
+    records = []
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=len(dataset), desc=desc, unit='formula', disable=not progress, dynamic_ncols=True)
+        for micro_batches in loader:
+            for mb in micro_batches:                       # one image size each
+                images = mb['images'].to(device, non_blocking=True)
+                indices = mb['indices'].tolist()
+                with amp_context(device, amp_dtype):
+                    memory = model.encode(images)                  # (B, S, d_model), shared by both scores
+                    ids, score_pred = decode_batch(model, beam=beam, max_len=max_len,
+                                                   length_penalty=length_penalty, memory=memory)
+                    score_gold = None
+                    if gold_scores and mb.get('tgt') is not None:
+                        score_gold = gold_logprob(model, mb['tgt'].to(device, non_blocking=True), memory)
+                score_pred = score_pred.float().tolist()
+                score_gold = score_gold.float().tolist() if score_gold is not None else [math.nan] * len(indices)
+                for k, index in enumerate(indices):
+                    if gold_tokens is not None:
+                        gold = list(gold_tokens[index])
+                    elif mb.get('tgt') is not None:
+                        gold = vocab.decode(mb['tgt'][k])
+                    else:
+                        gold = []
+                    records.append(Record(index, gold, vocab.decode(ids[k]), score_pred[k], score_gold[k]))
+                bar.update(len(indices))
+        bar.close()
+    finally:
+        model.train(was_training)
+    records.sort(key=lambda r: r.index)
+    return records
+
+
+# -----------------------------------------------------------------------------
+# prediction files (Deng's 5 columns: image, gold, pred, score_pred, score_gold; no header)
+
+class PredictionRow(NamedTuple):
+    image: str
+    gold: list
+    pred: list
+    score_pred: float
+    score_gold: float
+
+
+_CONTROL_WS = re.compile(r'[\t\r\n\f\v]')
+# a token is `\` + one white-space character (LaTeX control space) or a run of non-space characters;
+# tokens never contain other white space (data.tokenize drops it)
+_FIELD_TOKEN_RE = re.compile(r'\\\s|\S+')
+
+
+def _field(tokens):
+    """Space-joined tokens for one TSV field. A control symbol `\\<tab>` or `\\<newline>` is written as
+    `\\ ` (the same control space to LaTeX), so a field never holds a tab or line break."""
+    return _CONTROL_WS.sub(' ', ' '.join(tokens))
+
+
+def split_field(text):
+    """Inverse of the TSV field: 'a \\  b' -> ['a', '\\ ', 'b'] (control space kept as one token)."""
+    return _FIELD_TOKEN_RE.findall(text)
+
+
+def _fmt_score(x):
+    return 'nan' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.4f}'
+
+
+def write_predictions(path, rows):
+    """rows: iterable of (image name, gold tokens, pred tokens, score_pred, score_gold) -> TSV, atomically."""
+    lines = []
+    for image, gold, pred, score_pred, score_gold in rows:
+        image = _CONTROL_WS.sub(' ', image)
+        lines.append(f'{image}\t{_field(gold)}\t{_field(pred)}\t{_fmt_score(score_pred)}\t{_fmt_score(score_gold)}\n')
+
+    def writer(tmp):
+        with open(tmp, 'w', encoding='utf-8', newline='\n') as f:
+            f.writelines(lines)
+    data.atomic_write(path, writer)
+
+
+def read_predictions(path):
+    """A predictions TSV -> list of PredictionRow (tokens as lists, scores as floats).
+    Raises ValueError naming the file and line for a line without 5 tab-separated fields."""
+    rows = []
+    with open(path, encoding='utf-8', newline='\n') as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip('\n')
+            if not line.strip():
+                continue
+            fields = line.split('\t')
+            if len(fields) != 5:
+                raise ValueError(f'{path}:{line_no}: expected 5 tab-separated fields '
+                                 f'(image, gold, pred, score_pred, score_gold), found {len(fields)}')
+            image, gold, pred, score_pred, score_gold = fields
+            try:
+                sp, sg = float(score_pred), float(score_gold)
+            except ValueError:
+                raise ValueError(f'{path}:{line_no}: scores must be numbers, found {score_pred!r} {score_gold!r}') from None
+            rows.append(PredictionRow(image, split_field(gold), split_field(pred), sp, sg))
+    return rows
+
+
+def write_json(path, obj):
+    def writer(tmp):
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write('\n')
+    data.atomic_write(path, writer)
+
+
+# -----------------------------------------------------------------------------
+# images for --image and the report
+
+def crop_to_ink(u8, pad=CROP_PAD, threshold=None):
+    """uint8 (H, W), white = 255 -> the bounding box of the pixels darker than `threshold` (default
+    proc.INK_THRESHOLD, the ink of deng_process), with `pad` px of white around it; None for an image
+    without ink. Resolution is kept."""
+    if threshold is None:
+        import proc
+        threshold = proc.INK_THRESHOLD
+    rows = np.flatnonzero((u8 < threshold).any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero((u8 < threshold).any(axis=0))
+    ink = u8[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return np.pad(ink, pad, mode='constant', constant_values=255)
+
+
+def shrink_to_fit(u8, max_side=MAX_SIDE):
+    """Downscale (keeping the aspect ratio, area filter) so that H, W <= max_side; smaller images unchanged."""
+    h, w = u8.shape
+    if max(h, w) <= max_side:
+        return u8
+    from PIL import Image
+    s = max_side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))      # PIL sizes are (W, H)
+    return np.asarray(Image.fromarray(u8).resize(size, Image.Resampling.BOX), dtype=np.uint8)
+
+
+def preprocess_image(u8, how=PREPROCESS):
+    """A loaded gray page -> the model's input image, or raise ValueError(reason).
+    deng: crop to ink, pad 8, smallest of Deng's 21 buckets, downsample x2 (proc.deng_process) -- for
+          full-resolution renders like im2latex-100k's raw pages;
+    crop: crop to ink + pad 8 px, keep the resolution (shrunk only beyond MAX_SIDE) -- for images already
+          at the training images' scale (screenshots, crops, the math/chemistry sets);
+    none: as loaded."""
+    if how == 'none':
+        return u8
+    if how == 'deng':
+        import proc
+        out = proc.deng_process(u8)
+    elif how == 'crop':
+        out = crop_to_ink(u8)
+        out = shrink_to_fit(out) if out is not None else None
+    else:
+        raise ValueError(f'unknown preprocessing {how!r}')
+    if out is None:
+        raise ValueError('blank image (no ink found)')
+    return out
+
+
+def expand_image_paths(paths):
+    """Files as given (always tried, whatever their extension); folders -> their image files
+    (proc.list_images: recursive, sorted, hidden files skipped). -> (paths, notes on empty folders)."""
+    import proc
+    out, notes = [], []
+    for p in paths:
+        if os.path.isdir(p):
+            found = [os.path.join(p, *rel.split('/')) for rel in proc.list_images(p)]
+            if not found:
+                notes.append(f'{p}: folder has no image files ({" ".join(proc.IMAGE_EXTS)})')
+            out += found
+        else:
+            out.append(p)
+    return out, notes
+
+
+def png_base64(u8):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format='PNG', optimize=True)
+    return base64.b64encode(buf.getvalue()).decode('ascii')
+
+
+# -----------------------------------------------------------------------------
+# transcription
+
+def _load_for_transcription(path, how):
+    try:
+        return preprocess_image(data.load_gray(path), how)
+    except data.ImageError as e:
+        return ValueError(e.reason)
+    except (ValueError, OSError) as e:
+        return e
+
+
+def transcribe_arrays(model, vocab, arrays, beam=1, max_len=MAX_LEN, batchsz=BATCHSZ, amp_dtype=None,
+                      device='cpu', length_penalty=LENGTH_PENALTY, progress=False):
+    """uint8 (H, W) images (white background) -> token lists, in order. Images of equal size are
+    batched together (the model takes any size, but a batch needs one). A batch the model fails on
+    (e.g. out of memory for a huge image) gives the exception in place of each of its token lists."""
+    max_len = min(max_len, model_max_len(model))
+    by_size = {}
+    for i, a in enumerate(arrays):
+        by_size.setdefault(a.shape, []).append(i)
+    out = [None] * len(arrays)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), tqdm(total=len(arrays), desc='transcribe', unit='image', disable=not progress) as bar:
+            for idxs in by_size.values():
+                for s in range(0, len(idxs), batchsz):
+                    chunk = idxs[s:s + batchsz]
+                    try:
+                        images = torch.stack([data.to_tensor(arrays[i]) for i in chunk]).to(device)  # (B, 1, H, W)
+                        with amp_context(device, amp_dtype):
+                            ids, _ = decode_batch(model, images, beam, max_len, length_penalty)
+                        for i, seq in zip(chunk, ids):
+                            out[i] = vocab.decode(seq)
+                    except (RuntimeError, ValueError) as e:
+                        h, w = arrays[chunk[0]].shape
+                        for i in chunk:
+                            out[i] = RuntimeError(f'model failed on this {h}x{w} image ({type(e).__name__}: '
+                                                  f'{str(e).splitlines()[0] if str(e) else ""})')
+                    bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def transcribe(args, model, vocab, device, amp_dtype, out=None):
+    """--image: print `path\\tlatex` (or `path\\tERROR: reason`) per image in input order. -> exit code."""
+    out = out or sys.stdout
+    paths, notes = expand_image_paths(args.image)
+    for n in notes:
+        info(f'warning: {n}')
+    if not paths:
+        info('error: no images to transcribe')
+        return 1
+    failed = 0
+    workers = max(args.workers, 0)
+    pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 0 else None
+    try:
+        for start in range(0, len(paths), CHUNK):
+            chunk = paths[start:start + CHUNK]
+            load = functools.partial(_load_for_transcription, how=args.preprocess)
+            loaded = list(pool.map(load, chunk)) if pool else [load(p) for p in chunk]
+            ok = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
+            toks = transcribe_arrays(model, vocab, [loaded[i] for i in ok], beam=args.beam, max_len=args.max_len,
+                                     batchsz=args.batchsz, amp_dtype=amp_dtype, device=device,
+                                     length_penalty=args.length_penalty, progress=len(paths) > args.batchsz)
+            for i, t in zip(ok, toks):
+                loaded[i] = t
+            for p, res in zip(chunk, loaded):
+                shown = _CONTROL_WS.sub(' ', p)          # one line per image, whatever the file name
+                if isinstance(res, list):
+                    print(f'{shown}\t{_field(res)}', file=out)
+                else:
+                    failed += 1
+                    print(f'{shown}\tERROR: {_CONTROL_WS.sub(" ", str(res))}', file=out)
+            out.flush()
+    finally:
+        if pool:
+            pool.shutdown()
+    if failed:
+        info(f'{failed} of {len(paths)} images could not be transcribed (lines marked ERROR)')
+    return 1 if failed else 0
+
+
+# -----------------------------------------------------------------------------
+# HTML report of the worst samples
+
+_CSS = """body{font-family:sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;width:100%}td,th{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}
+th{background:#f3f3f3}code{font-family:monospace;font-size:12px;white-space:pre-wrap;word-break:break-all}
+img{max-width:480px;border:1px solid #ddd;background:#fff}.del{background:#fbb}.ins{background:#bfb}
+.note{color:#a00;font-size:12px}.meta{color:#555;font-size:13px}"""
+
+
+def _diff_html(gold, pred):
+    """Token diff: gold tokens missing/replaced in red (.del), predicted tokens not in gold in green (.ins)."""
+    g_out, p_out = [], []
+    sm = difflib.SequenceMatcher(None, gold, pred, autojunk=False)
+    for op, i1, i2, j1, j2 in sm.get_opcodes():
+        g = html.escape(' '.join(gold[i1:i2]))
+        p = html.escape(' '.join(pred[j1:j2]))
+        if op == 'equal':
+            g_out.append(g), p_out.append(p)
+        else:
+            if g:
+                g_out.append(f'<span class="del">{g}</span>')
+            if p:
+                p_out.append(f'<span class="ins">{p}</span>')
+    return ' '.join(g_out), ' '.join(p_out)
+
+
+def write_report(path, samples, title, meta_lines, render_fn=None):
+    """samples: dicts with name, image (uint8 or None), gold, pred (token lists), lev, ned.
+    render_fn(latex) -> uint8 image, or raises; its failure becomes a note in the page."""
+    parts = ['<!DOCTYPE html><html><head><meta charset="utf-8">', f'<title>{html.escape(title)}</title>',
+             f'<style>{_CSS}</style></head><body>', f'<h1>{html.escape(title)}</h1>']
+    parts += [f'<div class="meta">{html.escape(m)}</div>' for m in meta_lines]
+    parts.append('<table><tr><th>#</th><th>sample</th><th>input image</th><th>gold / prediction</th>'
+                 '<th>rendered prediction</th></tr>')
+    for rank, s in enumerate(samples, 1):
+        img = (f'<img src="data:image/png;base64,{png_base64(s["image"])}" alt="input">'
+               if s['image'] is not None else f'<span class="note">{html.escape(s.get("image_note", "no image"))}</span>')
+        if render_fn is None:
+            rendered = '<span class="note">not rendered</span>'
+        else:
+            try:
+                rendered = f'<img src="data:image/png;base64,{png_base64(render_fn(data.detokenize(s["pred"])))}" alt="rendered">'
+            except Exception as e:  # noqa: BLE001 -- any renderer failure is shown, never fatal
+                rendered = f'<span class="note">does not render: {html.escape(str(e)[:300])}</span>'
+        g, p = _diff_html(s['gold'], s['pred'])
+        parts.append(f'<tr><td>{rank}</td><td><code>{html.escape(s["name"])}</code><br>edit distance {s["lev"]}<br>'
+                     f'normalized {s["ned"]:.3f}</td><td>{img}</td>'
+                     f'<td><b>gold</b> ({len(s["gold"])} tokens)<br><code>{g}</code><br><b>prediction</b> '
+                     f'({len(s["pred"])} tokens)<br><code>{p}</code></td><td>{rendered}</td></tr>')
+    parts.append('</table></body></html>\n')
+    text = '\n'.join(parts)
+
+    def writer(tmp):
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+    data.atomic_write(path, writer)
+
+
+def worst_samples(records, n):
+    """The n records with the largest normalized edit distance (ties: longer gold first, then index)."""
+    scored = []
+    for r in records:
+        lev = Levenshtein.distance(list(r.gold), list(r.pred))
+        m = max(len(r.gold), len(r.pred))
+        scored.append((lev / m if m else 0.0, lev, r))
+    scored.sort(key=lambda t: (-t[0], -len(t[2].gold), t[2].index))
+    return scored[:n]
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+def info(msg):
+    """Messages go to stderr: stdout carries only results (metrics table, transcriptions)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 1)[1],
+                                formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=32))
+    g = p.add_argument_group('what to evaluate')
+    g.add_argument('--root_dir', default=data.DEFAULT_ROOT, help='data root in the layout of DESIGN.md')
+    g.add_argument('--test_on', default='openai', choices=data.DOMAINS, help='domain to evaluate on')
+    g.add_argument('--split', default=SPLIT, choices=('train', 'val', 'test'), help='split to evaluate')
+    g.add_argument('--cache', action='store_true', help='use/build <root_dir>/.cache of decoded images')
+    g.add_argument('--out_dir', default=OUT_DIR,
+                   help='predictions/metrics go to <out_dir>/<test_on>/; also where --weights is looked for')
+    g.add_argument('--weights', default=None, metavar='CKPT',
+                   help='checkpoint to evaluate (default: <out_dir>/<test_on>/best.pt)')
+    g.add_argument('--mean_teacher', action='store_true',
+                   help='evaluate the checkpoint\'s teacher (EMA) weights instead of the student\'s')
+    g.add_argument('--tag', default='', help='suffix for the output files, e.g. beam5 -> predictions_math_test_beam5.tsv')
+
+    g = p.add_argument_group('decoding')
+    g.add_argument('--beam', type=int, default=BEAM, help='beam size (1 = greedy, cached)')
+    g.add_argument('--length_penalty', type=float, default=LENGTH_PENALTY,
+                   help='beam search ranks hypotheses by sum log p / ((5 + length) / 6) ** this (GNMT); '
+                        '0 = no length normalisation')
+    g.add_argument('--max_len', type=int, default=MAX_LEN, help='decode at most this many tokens')
+    g.add_argument('--batchsz', type=int, default=BATCHSZ, help='images per decoding batch (one size each)')
+    g.add_argument('--workers', type=int, default=-1,
+                   help='DataLoader workers / image-loading threads (-1: 0 on CPU, 4 on CUDA)')
+    g.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    prec = g.add_mutually_exclusive_group()
+    prec.add_argument('--fp16', action='store_true',
+                      help='CUDA autocast float16 (on a CPU: fp32, said so; use --bf16 there)')
+    prec.add_argument('--bf16', action='store_true', help='autocast bfloat16 (CUDA or CPU)')
+
+    g = p.add_argument_group('extras')
+    g.add_argument('--render_eval', action='store_true',
+                   help='also render gold and prediction (render.py) and report image match and column edit '
+                        'accuracy (Deng); a prediction that does not render is a mismatch')
+    g.add_argument('--report', default=None, metavar='HTML',
+                   help='write a self-contained HTML page of the worst samples (by normalized edit distance)')
+    g.add_argument('--report_n', type=int, default=REPORT_N, help='samples in the --report page')
+
+    g.add_argument('--score', default=None, metavar='TSV',
+                   help='only print the metrics of an existing predictions file (the 5 columns above, e.g. '
+                        'from an earlier run or from im2markup) and exit; no model needed')
+
+    g = p.add_argument_group('transcription')
+    g.add_argument('--image', nargs='+', default=None, metavar='PATH',
+                   help='transcribe these images / folders (recursive, sorted) instead of evaluating: prints '
+                        '"path<TAB>latex" per image in input order, "path<TAB>ERROR: reason" for an unreadable one')
+    g.add_argument('--preprocess', default=PREPROCESS, choices=('crop', 'deng', 'none'),
+                   help='--image: how to bring an image to the training images\' form after converting it to gray. '
+                        f'crop: crop to ink + pad {CROP_PAD} px, keep the resolution (shrunk to {MAX_SIDE} px if larger): '
+                        'for images already at the scale of the training set (screenshots, scans cropped to a '
+                        'formula, the math/chemistry sets). deng: crop, pad, paste into the smallest of Deng\'s 21 '
+                        'buckets and downsample x2, as im2latex-100k was made from full-resolution page renders: '
+                        'for such renders only (it halves the resolution). none: as loaded')
+    args = p.parse_args(argv)
+    if args.beam < 1:
+        p.error('--beam must be >= 1')
+    if args.batchsz < 1 or args.max_len < 1 or args.report_n < 1:
+        p.error('--batchsz, --max_len and --report_n must be >= 1')
+    if args.image is not None and (args.render_eval or args.report or args.score):
+        p.error('--render_eval, --report and --score belong to an evaluation, not to --image')
+    return args
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default unless it is None / False / empty (those say nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if '%(default)' not in text and action.default not in (None, False, '', argparse.SUPPRESS) \
+                and action.option_strings:
+            text += ' (default: %(default)s)'
+        return text
+
+
+def pick_device(name, local_rank=None):
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device; under torchrun (local_rank set) CUDA is the
+    process's own GPU. Shared by train.py, test.py and bench.py."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dev = torch.device(name)
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise SystemExit('error: --device cuda asked for, but torch sees no CUDA device')
+        if local_rank is not None:
+            dev = torch.device('cuda', local_rank)
+        elif dev.index is None:
+            dev = torch.device('cuda', 0)
+    return dev
+
+
+def _cpu_has_native_bf16():
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+
+def pick_amp(args, device, doing='decoding', log=None):
+    """-> autocast dtype or None from args.fp16 / args.bf16; says what it does where a precision flag
+    does not apply (fp16 needs CUDA; a GPU without bf16) or is slow (CPU bf16 without native support:
+    bench.py measured 0.5-0.65x of fp32 training on such a CPU). Shared by train.py, test.py, bench.py."""
+    log = log or info
+    if args.fp16:
+        if device.type == 'cuda':
+            return torch.float16
+        log(f'--fp16 needs a CUDA device: {doing} in fp32 on the CPU (--bf16 gives CPU bfloat16 autocast)')
+        return None
+    if args.bf16:
+        if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+            log(f'this GPU has no bfloat16 support: {doing} in fp32')
+            return None
+        if device.type == 'cpu' and not _cpu_has_native_bf16():
+            log('--bf16: this CPU has no native bfloat16 (AVX512-BF16 / AMX); autocast emulates it and is '
+                'slower than fp32 here (python3 bench.py --dtypes fp32,bf16 measures it)')
+        return torch.bfloat16
+    return None
+
+
+def default_weights(args):
+    return args.weights or os.path.join(args.out_dir, args.test_on, 'best.pt')
+
+
+def load_model(path, mean_teacher=False, device='cpu', hint=None):
+    """-> (model in eval mode on `device`, data.Vocab, checkpoint dict, 'teacher' | 'student').
+    SystemExit with a clear message for a missing or unreadable checkpoint or a missing teacher."""
+    import transformer
+    if not os.path.isfile(path):
+        raise SystemExit(f'error: no checkpoint at {path}.\n{hint or ""}'.rstrip())
+    try:
+        model, itos, ckpt = transformer.load_checkpoint(path, which='model', map_location='cpu')
+        if mean_teacher:
+            if ckpt.get('teacher') is None:
+                raise SystemExit(f'error: {path} has no teacher weights: --mean_teacher evaluates the teacher '
+                                 '(EMA) weights, which only a checkpoint trained with `train.py --mean_teacher` '
+                                 'has. Drop --mean_teacher to evaluate its student weights.')
+            try:
+                model.load_state_dict(ckpt['teacher'], strict=True)
+            except RuntimeError as e:
+                raise ValueError(f'{path}: teacher weights do not fit the model ({e})') from None
+        vocab = data.Vocab(list(itos))
+    except ValueError as e:                 # transformer.load_checkpoint's messages name the file
+        raise SystemExit(f'error: {e}') from None
+    except (KeyError, OSError) as e:
+        raise SystemExit(f'error: cannot load checkpoint {path}: {type(e).__name__}: {e}') from None
+    if mean_teacher:
+        info(f'evaluating the teacher (EMA) weights of {path}')
+    elif ckpt.get('teacher') is not None:
+        info(f'evaluating the student weights of {path} (it also holds teacher weights: --mean_teacher)')
+    return model.to(device).eval(), vocab, ckpt, ('teacher' if mean_teacher else 'student')
+
+
+def build_loader(args, vocab, device, problems):
+    try:
+        ds = data.FormulaDataset(args.root_dir, args.test_on, args.split, vocab=vocab, cache=args.cache,
+                                 problems=problems)
+    except FileNotFoundError as e:       # data.DataRootError names what is missing and how to make it
+        raise SystemExit(f'error: {e}') from None
+    if len(ds) == 0:
+        raise SystemExit(f'error: no usable samples in {args.test_on}/{args.split} under {args.root_dir}'
+                         + (f' ({problems.summary()})' if len(problems) else ''))
+    loader, _ = data.make_loader(ds, args.batchsz, shuffle=False, workers=args.workers,
+                                 pin_memory=device.type == 'cuda')
+    return ds, loader
+
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or 'cpu'
+
+
+def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights, problems=None, ckpt_meta=None):
+    """Decode the split, compute the metrics, print the table, write the TSV + JSON (+ report). -> metrics dict."""
+    ds = loader.dataset
+    decoding = 'greedy' if args.beam == 1 else f'beam {args.beam}'
+    info(f'{args.test_on}/{args.split}: {len(ds)} formulas, {checkpoint} ({weights} weights), {decoding}, '
+         f'max_len {args.max_len}, {device}' + (f', autocast {amp_dtype}' if amp_dtype else ''))
+    t0 = time.perf_counter()
+    records = decode_dataset(model, loader, vocab, beam=args.beam, max_len=args.max_len, amp_dtype=amp_dtype,
+                             device=device, length_penalty=args.length_penalty, desc=f'{args.test_on}/{args.split}')
+    elapsed = time.perf_counter() - t0
+    golds = [r.gold for r in records]
+    preds = [r.pred for r in records]
+    metrics = compute_metrics(golds, preds)
+    if args.render_eval:
+        import render
+        info('rendering gold and predicted formulas for the image metrics ...')
+        img = render.image_metrics(golds, preds, workers=args.workers if args.workers > 0 else None)
+        metrics.update({k: v for k, v in img.items() if k not in ('n', 'n_total', 'samples')})
+        metrics['image_n'] = img['n']          # samples whose gold rendered (the others are left out)
+
+    out_dir = os.path.join(args.out_dir, args.test_on)
+    suffix = f'_{args.tag}' if args.tag else ''
+    tsv = os.path.join(out_dir, f'predictions_{args.test_on}_{args.split}{suffix}.tsv')
+    js = os.path.join(out_dir, f'metrics_{args.test_on}_{args.split}{suffix}.json')
+    write_predictions(tsv, [(ds.names[r.index], r.gold, r.pred, r.score_pred, r.score_gold) for r in records])
+    result = dict(metrics)
+    # a search error: the model prefers the gold (higher log-prob) but the search returned something else
+    search_errors = sum(r.gold != r.pred and r.score_gold > r.score_pred + 1e-4 for r in records)  # nan -> False
+    result.update({
+        'n_dataset': len(ds), 'search_errors': search_errors,
+        'domain': args.test_on, 'split': args.split, 'checkpoint': os.path.abspath(checkpoint), 'weights': weights,
+        'decoding': decoding, 'beam': args.beam, 'length_penalty': args.length_penalty, 'max_len': args.max_len,
+        'time_s': round(elapsed, 3), 'formulas_per_s': round(len(records) / elapsed, 3) if elapsed > 0 else None,
+        'device': str(device), 'device_name': device_name(device),
+        'amp_dtype': str(amp_dtype).replace('torch.', '') if amp_dtype else None,
+        'torch': torch.__version__, 'threads': torch.get_num_threads(), 'skipped': problems.summary() if problems else '',
+        'predictions': os.path.abspath(tsv), 'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+        'args': vars(args)})
+    result.update({f'ckpt_{k}': v for k, v in (ckpt_meta or {}).items()})
+    write_json(js, result)
+
+    print(f'{args.test_on}/{args.split}: {len(records)} formulas, {weights} weights of {checkpoint}, {decoding}')
+    print(format_metrics(metrics))
+    if 'render_failures_pred' in metrics:
+        print(f'  (predictions that did not render: {metrics["render_failures_pred"]})')
+    print(f'  search errors         {search_errors} (wrong predictions with a lower summed log-prob than the gold)')
+    print(f'  {len(records) / elapsed:.1f} formulas/s on {device}' if elapsed > 0 else '')
+    if problems is not None and len(problems):
+        print(f'  {problems.summary()}')
+    print(f'wrote {tsv}\n      {js}')
+
+    if args.report:
+        make_report(args, ds, records, metrics, checkpoint, weights, decoding)
+        print(f'      {args.report}')
+    return result
+
+
+def make_report(args, ds, records, metrics, checkpoint, weights, decoding):
+    samples = []
+    for ned, lev, r in worst_samples(records, args.report_n):
+        name = ds.names[r.index]
+        s = {'name': name, 'gold': r.gold, 'pred': r.pred, 'lev': lev, 'ned': ned, 'image': None}
+        try:
+            s['image'] = ds.gray(r.index)                 # uint8 (H, W) as the model saw it (cache or file)
+        except data.ImageError as e:
+            s['image_note'] = f'cannot read image: {e.reason}'
+        samples.append(s)
+    try:
+        import render
+        render_fn = render.render_latex
+    except ImportError as e:
+        info(f'warning: render.py not importable ({e}); the report shows no rendered predictions')
+        render_fn = None
+    title = f'worst {len(samples)} of {len(records)}: {args.test_on}/{args.split}'
+    meta = [f'checkpoint {checkpoint} ({weights} weights), {decoding}, max_len {args.max_len}',
+            '; '.join(f'{label} {fmt.format(metrics[k])}' for k, label, fmt in METRIC_NAMES if k in metrics),
+            'gold tokens missing or replaced are red, predicted tokens not in the gold are green']
+    write_report(args.report, samples, title, meta, render_fn)
+
+
+def score_file(path):
+    """--score: metrics of a predictions TSV -> printed table; exit code."""
+    try:
+        rows = read_predictions(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'error: {e}') from None
+    metrics = compute_metrics([r.gold for r in rows], [r.pred for r in rows])
+    print(f'{path}: {len(rows)} formulas')
+    print(format_metrics(metrics))
+    return 0
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.score:
+        return score_file(args.score)
+    device = pick_device(args.device)
+    if args.workers < 0:
+        args.workers = 4 if device.type == 'cuda' else 0
+    amp_dtype = pick_amp(args, device)
+    checkpoint = default_weights(args)
+    hint = (f'Train one first, e.g.\n  python3 train.py --train_on {args.test_on} --root_dir {args.root_dir} '
+            f'--out_dir {args.out_dir}\nor pass --weights PATH.')
+    model, vocab, ckpt, weights = load_model(checkpoint, args.mean_teacher, device, hint)
+    if args.max_len > model_max_len(model):
+        info(f'--max_len {args.max_len} is more than the model\'s {model_max_len(model)} positions: '
+             f'decoding at most {model_max_len(model)} tokens')
+        args.max_len = model_max_len(model)
+    if args.image is not None:
+        return transcribe(args, model, vocab, device, amp_dtype)
+
+    if ckpt.get('train_on') and ckpt['train_on'] != args.test_on:
+        info(f'note: the checkpoint was trained on {ckpt["train_on"]}, evaluating on {args.test_on}')
+    problems = data.Problems()
+    _, loader = build_loader(args, vocab, device, problems)
+    meta = {k: ckpt[k] for k in ('train_on', 'epoch', 'step', 'best_metric') if k in ckpt}
+    evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights, problems, meta)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""Tests of non_local_emb_gaussian.py and transformer.py (CPU, small decoders where the test is about
+decoding logic; the shape tests use the default encoder)."""
+import copy
+import itertools
+import json
+import socket
+import urllib.request
+
+import pytest
+import torch
+from torch import nn
+
+from data import EOS, PAD, SOS, UNK
+from non_local_emb_gaussian import NonLocalBlock2D
+from transformer import Im2LatexModel, build_model, extend_vocab, gnmt_length_penalty, load_checkpoint
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SMALL = dict(d_model=64, nhead=4, num_layers=2, dim_ff=128)   # decoder size for decoding-logic tests
+
+
+def calibrate_bn(model, images):
+    """Give every BatchNorm the running statistics of `images`. A freshly initialised model in eval mode
+    has running var 1 everywhere, its activations shrink ~10^-13 through the backbone and all images
+    give the same memory; calibrated, different images give different memories and outputs."""
+    saved = {}
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved[m] = m.momentum
+            m.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model.encode(images)
+    for m, mom in saved.items():
+        m.momentum = mom
+    model.eval()
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+@pytest.fixture(scope='module')
+def default_model():
+    torch.manual_seed(0)
+    return Im2LatexModel(40).eval()
+
+
+@pytest.fixture(scope='module')
+def small_model():
+    """A small-decoder model with calibrated BatchNorm (images matter)."""
+    torch.manual_seed(1)
+    model = Im2LatexModel(30, **SMALL)
+    calibrate_bn(model, torch.rand(8, 1, 32, 96))
+    return model
+
+
+def boosted_eos(model, memory, max_len, distinct=2):
+    """Copy of `model` whose <eos> bias is raised until greedy sequences stop at >= `distinct`
+    different steps, some before max_len (a random model rarely emits <eos> otherwise)."""
+    m = copy.deepcopy(model)
+    base = m.decoder.out.bias[EOS].item()
+    for boost in [0.25 * i for i in range(1, 80)]:
+        with torch.no_grad():
+            m.decoder.out.bias[EOS] = base + boost
+        ids, _ = m.greedy(memory=memory, max_len=max_len)
+        lengths = [len(i) for i in ids]
+        if len(set(lengths)) >= distinct and min(lengths) < max_len:
+            return m
+    raise AssertionError('no <eos> boost makes sequences stop at different steps')
+
+
+# -----------------------------------------------------------------------------
+# shapes
+
+@pytest.mark.parametrize('h,w', [(33, 97), (17, 400), (160, 800), (16, 16)])
+def test_output_shapes_default_encoder(default_model, h, w):
+    b, t = 2, 7
+    images = torch.rand(b, 1, h, w)
+    tgt = torch.randint(4, 40, (b, t))
+    with torch.no_grad():
+        fmap = default_model.encoder.feature_map(images)
+        memory = default_model.encode(images)
+        logits = default_model(images, tgt)
+    assert fmap.shape == (b, 1280, ceil_div(h, 16), ceil_div(w, 16))   # dynamic SAME padding: ceil
+    assert memory.shape == (b, ceil_div(h, 16) * ceil_div(w, 16), 256)
+    assert logits.shape == (b, t, 40)
+    assert torch.isfinite(logits).all()
+    if (h, w) == (16, 16):
+        assert fmap.shape[-2:] == (1, 1)
+
+
+@pytest.mark.parametrize('stride', [8, 32])
+def test_other_output_strides(stride):
+    model = Im2LatexModel(20, output_stride=stride, **SMALL).eval()
+    with torch.no_grad():
+        memory = model.encode(torch.rand(1, 1, 33, 97))
+    assert memory.shape == (1, ceil_div(33, stride) * ceil_div(97, stride), 64)
+
+
+def test_train_step_reaches_every_part():
+    torch.manual_seed(0)
+    model = Im2LatexModel(20, **SMALL).train()
+    images = torch.rand(2, 1, 32, 64)
+    tgt = torch.tensor([[SOS, 5, 6, 7, EOS], [SOS, 8, EOS, PAD, PAD]])
+    logits = model(images, tgt[:, :-1], tgt[:, :-1] == PAD)
+    loss = nn.functional.cross_entropy(logits.transpose(1, 2), tgt[:, 1:], ignore_index=PAD)
+    loss.backward()
+    for name in ['encoder.backbone._conv_stem.weight', 'encoder.backbone._blocks.15._project_conv.weight',
+                 'encoder.nonlocal_blocks.10.W.1.weight', 'encoder.proj.weight',
+                 'decoder.embed.weight', 'decoder.layers.0.kv.weight', 'decoder.out.weight']:
+        g = dict(model.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert model.training   # decoding helpers restore the mode; training code is not affected
+
+
+def test_pad_mask_does_not_change_real_positions(small_model):
+    tgt_in = torch.tensor([[SOS, 5, 6, 7, EOS], [SOS, 8, EOS, PAD, PAD]])
+    memory = torch.randn(2, 6, 64)
+    with torch.no_grad():
+        a = small_model.decode(tgt_in, memory)
+        b = small_model.decode(tgt_in, memory, tgt_in == PAD)
+    real = tgt_in != PAD
+    assert torch.allclose(a[real], b[real], atol=1e-5)
+
+
+def test_hparams_json_roundtrip_rebuilds_same_architecture():
+    model = Im2LatexModel(33, **SMALL, nonlocal_after=(7, 14), output_stride=32)
+    hp = json.loads(json.dumps(model.hparams))
+    assert hp == model.hparams
+    rebuilt = build_model(hp)
+    assert rebuilt.hparams == model.hparams
+    a, b = model.state_dict(), rebuilt.state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+    with pytest.raises(ValueError, match='unknown'):
+        build_model({**hp, 'bogus': 1})
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match='output_stride'):
+        Im2LatexModel(20, output_stride=4)
+    with pytest.raises(ValueError, match='nonlocal_after'):
+        Im2LatexModel(20, nonlocal_after=(3, 16))
+    with pytest.raises(ValueError, match='d_model'):
+        Im2LatexModel(20, d_model=100, nhead=8)
+
+
+def test_state_dict_keeps_efficientnet_keys(default_model):
+    from efficientnet_pytorch import EfficientNet
+    ref = EfficientNet.from_name('efficientnet-b0', image_size=None, include_top=False)
+    ours = {k[len('encoder.backbone.'):] for k in default_model.state_dict() if k.startswith('encoder.backbone.')}
+    assert ours == set(ref.state_dict())
+
+
+# -----------------------------------------------------------------------------
+# non-local block
+
+@pytest.mark.parametrize('h,w', [(1, 1), (1, 9), (7, 1), (3, 5), (8, 8)])
+def test_nonlocal_identity_at_init_any_size(h, w):
+    torch.manual_seed(0)
+    block = NonLocalBlock2D(16)
+    x = torch.randn(2, 16, h, w)
+    for mode in (True, False):
+        block.train(mode)
+        assert torch.equal(block(x), x)
+        z, attn = block(x, return_attention=True)
+        assert torch.equal(z, x) and torch.isfinite(attn).all()
+
+
+@pytest.mark.parametrize('h,w,n_keys', [(1, 1, 1), (1, 9, 5), (7, 1, 4), (3, 5, 6), (8, 8, 16)])
+def test_nonlocal_subsampling_guarded(h, w, n_keys):
+    block = NonLocalBlock2D(8, sub_sample=True).eval()
+    _, attn = block(torch.randn(2, 8, h, w), return_attention=True)
+    assert attn.shape == (2, h * w, n_keys)           # each axis of length >= 2 pooled 2x (ceil)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, h * w))
+    _, attn = NonLocalBlock2D(8, sub_sample=False).eval()(torch.randn(2, 8, h, w), return_attention=True)
+    assert attn.shape == (2, h * w, h * w)
+
+
+@pytest.mark.parametrize('scale', [True, False])
+def test_nonlocal_fused_path_equals_explicit_attention(scale):
+    torch.manual_seed(0)
+    block = NonLocalBlock2D(12, scale=scale)
+    nn.init.normal_(block.W[1].weight)
+    nn.init.normal_(block.W[1].bias)
+    block.eval()
+    x = torch.randn(2, 12, 5, 6)
+    z_fused = block(x)
+    z_explicit, _ = block(x, return_attention=True)
+    assert not torch.allclose(z_fused, x)
+    assert torch.allclose(z_fused, z_explicit, atol=1e-5)
+
+
+def test_nonlocal_gradient_flows_after_one_step():
+    torch.manual_seed(0)
+    block = NonLocalBlock2D(8).train()
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    x, target = torch.randn(4, 8, 3, 5), torch.randn(4, 8, 3, 5)
+    nn.functional.mse_loss(block(x), target).backward()
+    assert block.W[1].weight.grad.abs().sum() > 0           # the zero BN weight learns
+    assert block.theta.weight.grad.abs().sum() == 0         # nothing else can yet (output x 0)
+    opt.step()
+    opt.zero_grad()
+    assert block.W[1].weight.abs().sum() > 0
+    nn.functional.mse_loss(block(x), target).backward()
+    for conv in (block.theta, block.phi, block.g, block.W[0]):
+        assert conv.weight.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# decoding
+
+def test_cached_greedy_equals_uncached_on_images(small_model):
+    torch.manual_seed(2)
+    images = torch.rand(3, 1, 32, 96)
+    memory = small_model.encode(images)
+    assert (memory[0] - memory[1]).abs().max() > 1e-3        # the images matter
+    ids_c, lp_c = small_model.greedy(images, max_len=30)
+    ids_u, lp_u = small_model.greedy(images, max_len=30, use_cache=False)
+    assert ids_c == ids_u
+    assert torch.allclose(lp_c, lp_u, atol=1e-4)
+    assert all(0 < len(i) <= 30 for i in ids_c)
+    assert not small_model.training
+
+
+def test_cached_greedy_equals_uncached_with_early_eos(small_model):
+    torch.manual_seed(3)
+    memory = torch.randn(5, 12, 64)
+    model = boosted_eos(small_model, memory, max_len=30, distinct=3)
+    ids_c, lp_c = model.greedy(memory=memory, max_len=30)
+    ids_u, lp_u = model.greedy(memory=memory, max_len=30, use_cache=False)
+    assert ids_c == ids_u
+    assert torch.allclose(lp_c, lp_u, atol=1e-4)
+    assert len({len(i) for i in ids_c}) >= 3                  # stopped at different steps
+    assert all(EOS not in i and PAD not in i and SOS not in i for i in ids_c)
+    # batching and early stopping do not change any sequence
+    for b in range(5):
+        one, lp_one = model.greedy(memory=memory[b:b + 1], max_len=30)
+        assert one[0] == ids_c[b]
+        assert torch.allclose(lp_one[0], lp_c[b], atol=1e-4)
+    # greedy's logp is the model's log-probability of its output (+ <eos> where it stopped)
+    ended = [b for b, i in enumerate(ids_c) if len(i) < 30]
+    tgt = nn.utils.rnn.pad_sequence([torch.tensor([SOS] + ids_c[b] + [EOS]) for b in ended], batch_first=True,
+                                    padding_value=PAD)
+    assert len(ended) >= 2
+    assert torch.allclose(model.sequence_logprob(None, tgt, memory=memory[ended]), lp_c[ended], atol=1e-4)
+    # ignore_eos forces the length
+    ids_f, _ = model.greedy(memory=memory, max_len=17, ignore_eos=True)
+    ids_fu, _ = model.greedy(memory=memory, max_len=17, ignore_eos=True, use_cache=False)
+    assert ids_f == ids_fu and all(len(i) == 17 and EOS not in i for i in ids_f)
+
+
+def test_beam1_equals_greedy(small_model):
+    torch.manual_seed(4)
+    memory = torch.randn(4, 10, 64)
+    model = boosted_eos(small_model, memory, max_len=25)
+    ids_g, lp_g = model.greedy(memory=memory, max_len=25)
+    for alpha in (0.0, 1.0):
+        ids_b, sc_b = model.beam_search(memory=memory, beam=1, max_len=25, length_penalty=alpha)
+        assert ids_b == ids_g
+        lengths = torch.tensor([len(i) + (len(i) < 25) for i in ids_g], dtype=torch.float32)  # + <eos>
+        assert torch.allclose(sc_b, lp_g / gnmt_length_penalty(lengths, alpha), atol=1e-5)
+    ids_b, _ = model.beam_search(memory=memory, beam=1, max_len=25, ignore_eos=True)
+    assert ids_b == model.greedy(memory=memory, max_len=25, ignore_eos=True)[0]
+
+
+def test_beam_nbest_sorted_scored_and_batch_independent(small_model):
+    torch.manual_seed(5)
+    memory = torch.randn(3, 10, 64)
+    model = boosted_eos(small_model, memory, max_len=20)
+    k, alpha = 4, 0.8
+    nbest = model.beam_search_nbest(memory=memory, beam=k, max_len=20, length_penalty=alpha)
+    for b, hyps in enumerate(nbest):
+        assert 1 <= len(hyps) <= k
+        scores = [h[0] for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        # each score is the model's length-normalised log-prob of that hypothesis
+        for score, logp, ids in hyps:
+            ended = len(ids) < 20
+            tgt = torch.tensor([[SOS] + ids + ([EOS] if ended else [])])
+            if ended:
+                recomputed = model.sequence_logprob(None, tgt, length_penalty=alpha, memory=memory[b:b + 1])
+                assert abs(recomputed.item() - score) < 1e-4
+        # the same image decoded alone gives the same n-best list
+        alone = model.beam_search_nbest(memory=memory[b:b + 1], beam=k, max_len=20, length_penalty=alpha)[0]
+        assert [h[2] for h in alone] == [h[2] for h in hyps]
+        assert all(abs(x[0] - y[0]) < 1e-4 for x, y in zip(alone, hyps))
+    ids, sc = model.beam_search(memory=memory, beam=k, max_len=20, length_penalty=alpha)
+    assert ids == [h[0][2] for h in nbest]
+    assert torch.allclose(sc, torch.tensor([h[0][0] for h in nbest]))
+
+
+def test_exhaustive_beam_equals_brute_force():
+    """With a 2-token vocab (4 choices incl. <eos> and <unk>) and 3 steps there are 13 + 27 = 40
+    hypotheses; a 40-beam must find all of them, in the order of brute-force scoring, and its best
+    is at least as good as the 1-beam's in the same objective."""
+    torch.manual_seed(6)
+    model = Im2LatexModel(6, d_model=32, nhead=4, num_layers=2, dim_ff=64).eval()
+    memory = torch.randn(2, 5, 32)
+    max_len, alpha = 3, 1.0
+    choices = [EOS, UNK, 4, 5]
+    for b in range(2):
+        hyps = []
+        for n in range(1, max_len + 1):
+            for seq in itertools.product(choices, repeat=n):
+                if EOS in seq[:-1] or (n < max_len and seq[-1] != EOS):
+                    continue
+                ids = list(seq[:-1]) if seq[-1] == EOS else list(seq)
+                tgt = torch.tensor([[SOS] + list(seq)])
+                hyps.append((model.sequence_logprob(None, tgt, alpha, memory=memory[b:b + 1]).item(), ids))
+        assert len(hyps) == 40
+        hyps.sort(key=lambda h: -h[0])
+        nbest = model.beam_search_nbest(memory=memory[b:b + 1], beam=40, max_len=max_len, length_penalty=alpha)[0]
+        assert [h[2] for h in nbest] == [h[1] for h in hyps]
+        assert all(abs(x[0] - y[0]) < 1e-4 for x, y in zip(nbest, hyps))
+        _, one = model.beam_search(memory=memory[b:b + 1], beam=1, max_len=max_len, length_penalty=alpha)
+        assert nbest[0][0] >= one.item() - 1e-6
+
+
+def test_decoding_under_bf16_autocast(small_model):
+    memory = torch.randn(2, 10, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ids, lp = small_model.greedy(memory=memory, max_len=12, ignore_eos=True)
+        _, sc = small_model.beam_search(memory=memory, beam=3, max_len=12)
+    assert all(len(i) == 12 for i in ids) and lp.dtype == torch.float32 and torch.isfinite(lp).all()
+    assert torch.isfinite(sc).all()
+
+
+def test_max_len_bound(small_model):
+    with pytest.raises(ValueError, match='max_len'):
+        small_model.greedy(memory=torch.randn(1, 4, 64), max_len=small_model.hparams['max_len'] + 1)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def _checkpoint(model, vocab, teacher=None, **extra):
+    """A checkpoint dict as train.py writes it (INTERFACES.md)."""
+    return {'format_version': 1, 'model': model.state_dict(),
+            'teacher': None if teacher is None else teacher.state_dict(),
+            'optimizer': {}, 'scheduler': {}, 'scaler': None, 'epoch': 3, 'step': 120, 'batch_in_epoch': 0,
+            'best_metric': 12.5, 'vocab': vocab, 'hparams': model.hparams, 'args': {'batchsz': 4},
+            'train_on': 'openai', **extra}
+
+
+def test_save_load_roundtrip_identical_outputs(small_model, tmp_path):
+    vocab = ['<pad>', '<sos>', '<eos>', '<unk>'] + [f't{i}' for i in range(26)]
+    teacher = copy.deepcopy(small_model)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    path = tmp_path / 'last.pt'
+    torch.save(_checkpoint(small_model, vocab, teacher), path)
+    images = torch.rand(2, 1, 32, 96)
+    tgt = torch.randint(4, 30, (2, 6))
+    for which, ref in (('model', small_model), ('teacher', teacher)):
+        model, itos, ckpt = load_checkpoint(str(path), which=which)
+        assert not model.training and itos == vocab and ckpt['step'] == 120
+        with torch.no_grad():
+            out = model(images, tgt)
+            assert torch.isfinite(out).all() and torch.equal(out, ref.eval()(images, tgt))
+        assert model.greedy(images, max_len=10)[0] == ref.greedy(images, max_len=10)[0]
+
+
+def test_load_checkpoint_errors(small_model, tmp_path):
+    vocab = ['<pad>', '<sos>', '<eos>', '<unk>'] + [f't{i}' for i in range(26)]
+    missing = tmp_path / 'nope.pt'
+    with pytest.raises(FileNotFoundError, match='nope.pt'):
+        load_checkpoint(missing)
+    text = tmp_path / 'notes.txt'
+    text.write_text('hello')
+    with pytest.raises(ValueError, match='notes.txt'):
+        load_checkpoint(text)
+    plain = tmp_path / 'plain.pt'
+    torch.save(small_model.state_dict(), plain)
+    with pytest.raises(ValueError, match='plain.pt.*format_version'):
+        load_checkpoint(plain)
+    no_teacher = tmp_path / 'student.pt'
+    torch.save(_checkpoint(small_model, vocab), no_teacher)
+    with pytest.raises(ValueError, match='student.pt.*teacher'):
+        load_checkpoint(no_teacher, which='teacher')
+    future = tmp_path / 'future.pt'
+    torch.save({**_checkpoint(small_model, vocab), 'format_version': 2}, future)
+    with pytest.raises(ValueError, match='future.pt.*format_version 2'):
+        load_checkpoint(future)
+    short = tmp_path / 'short_vocab.pt'
+    torch.save(_checkpoint(small_model, vocab[:-1]), short)
+    with pytest.raises(ValueError, match='short_vocab.pt.*vocab'):
+        load_checkpoint(short)
+
+
+def test_extend_vocab_keeps_old_logits(small_model):
+    model = copy.deepcopy(small_model)
+    with torch.no_grad():
+        model.decoder.out.bias.normal_()          # a trained model's biases are not the zero init
+    old_v = model.vocab_size
+    old_bias = model.decoder.out.bias.detach().clone()
+    old_embed = model.decoder.embed.weight.detach().clone()
+    old_out_w = model.decoder.out.weight.detach().clone()
+    images = torch.rand(2, 1, 32, 96)
+    tgt = torch.randint(4, old_v, (2, 8))
+    with torch.no_grad():
+        before = model(images, tgt)
+    extend_vocab(model, old_v + 7)
+    assert model.vocab_size == model.hparams['vocab_size'] == old_v + 7
+    assert torch.equal(model.decoder.embed.weight[:old_v], old_embed)
+    assert torch.equal(model.decoder.out.weight[:old_v], old_out_w)
+    assert torch.equal(model.decoder.out.bias[:old_v], old_bias)
+    new_rows = model.decoder.embed.weight[old_v:]
+    assert new_rows.abs().sum() > 0 and 0.5 < new_rows.std().item() / old_embed.std().item() < 2
+    with torch.no_grad():
+        after = model(images, tgt)
+    assert after.shape == (2, 8, old_v + 7)
+    assert torch.allclose(after[..., :old_v], before, rtol=0, atol=1e-6)
+    # new tokens can be fed and predicted; the model still round-trips through build_model
+    with torch.no_grad():
+        model(images, torch.tensor([[SOS, old_v + 6, old_v]]).expand(2, -1))
+    assert build_model(model.hparams).decoder.out.out_features == old_v + 7
+    with pytest.raises(ValueError, match='shrink'):
+        extend_vocab(model, old_v)
+
+
+# -----------------------------------------------------------------------------
+# no network; local ImageNet weights
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError('network access during model construction')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    monkeypatch.setattr(urllib.request, 'urlopen', refuse)
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', refuse)
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', refuse)
+
+
+@pytest.fixture(scope='module')
+def fake_imagenet_file(tmp_path_factory):
+    """An RGB efficientnet_pytorch B0 state_dict (with _fc) with non-trivial BatchNorm statistics."""
+    from efficientnet_pytorch import EfficientNet
+    torch.manual_seed(7)
+    ref = EfficientNet.from_name('efficientnet-b0', image_size=None)
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0
+    ref.train()
+    with torch.no_grad():
+        ref(torch.rand(4, 3, 64, 96))
+    ref.eval()
+    path = tmp_path_factory.mktemp('weights') / 'efficientnet-b0-fake.pth'
+    torch.save(ref.state_dict(), path)
+    return path, ref
+
+
+def test_model_construction_needs_no_network(no_network, fake_imagenet_file):
+    model = Im2LatexModel(20)
+    assert model.encoder.backbone._conv_stem.weight.shape == (32, 1, 3, 3)
+    Im2LatexModel(20, backbone_weights=fake_imagenet_file[0], **SMALL)
+
+
+def test_backbone_weights_loading(fake_imagenet_file):
+    path, ref = fake_imagenet_file
+    model = build_model(dict(vocab_size=20, backbone_weights=str(path), output_stride=32, nonlocal_after=(),
+                             **SMALL)).eval()
+    assert model.hparams['backbone_weights'] is None    # loaded: a rebuild from hparams needs no file
+    assert build_model(model.hparams).hparams == model.hparams
+    rgb = torch.load(path)
+    bb = model.encoder.backbone
+    assert torch.allclose(bb._conv_stem.weight, rgb['_conv_stem.weight'].sum(dim=1, keepdim=True))
+    assert torch.equal(bb._blocks[7]._depthwise_conv.weight, rgb['_blocks.7._depthwise_conv.weight'])
+    assert torch.equal(bb._bn1.running_var, rgb['_bn1.running_var'])
+    # a gray image through the summed stem == the RGB network on the gray image repeated 3 times
+    x = torch.rand(2, 1, 40, 72)
+    with torch.no_grad():
+        ours = model.encoder.feature_map(x)
+        theirs = ref.extract_features(x.expand(-1, 3, -1, -1))
+    assert theirs.std() > 1e-2
+    assert torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+    # training mode: batch statistics and the same drop-connect draws (rate * idx / 16 per block)
+    model.train()
+    ref_train = copy.deepcopy(ref).train()
+    torch.manual_seed(11)
+    ours = model.encoder.feature_map(x)
+    torch.manual_seed(11)
+    theirs = ref_train.extract_features(x.expand(-1, 3, -1, -1))
+    assert torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+
+
+def test_backbone_weights_errors_name_the_file(fake_imagenet_file, tmp_path):
+    sd = torch.load(fake_imagenet_file[0])
+    del sd['_blocks.3._bn1.weight']
+    broken = tmp_path / 'broken.pth'
+    torch.save(sd, broken)
+    with pytest.raises(ValueError, match=r'broken.pth.*missing keys: _blocks.3._bn1.weight'):
+        Im2LatexModel(20, backbone_weights=broken, **SMALL)
+    b3 = tmp_path / 'resnet.pth'
+    torch.save({'conv1.weight': torch.zeros(64, 3, 7, 7)}, b3)
+    with pytest.raises(ValueError, match='resnet.pth'):
+        Im2LatexModel(20, backbone_weights=b3, **SMALL)
+    with pytest.raises(FileNotFoundError, match='absent.pth'):
+        Im2LatexModel(20, backbone_weights=tmp_path / 'absent.pth', **SMALL)

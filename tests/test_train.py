@@ -1,0 +1,278 @@
+"""train.py: schedules, mean-teacher pieces, and short real runs on CPU (overfit, resume, NaN skip,
+--init_from vocab extension, --split_batch, --mean_teacher, 2-process torchrun)."""
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import render
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# a tiny decoder so that the runs take seconds; the encoder is the real EfficientNet-B0
+TINY = ['--d_model', '64', '--nhead', '4', '--num_layers', '2', '--dim_ff', '128', '--dropout', '0.0',
+        '--max_len', '24', '--workers', '0', '--device', 'cpu', '--log_every', '1']
+SIZE = (32, 96)   # (H, W) of every image of the uniform root: one bucket
+
+
+def short_formulas(n, seed=0):
+    """n distinct short formulas (3-7 tokens) such as `x ^ { 2 } + 7`."""
+    rng = random.Random(seed)
+    out = set()
+    while len(out) < n:
+        a, b = rng.choice('abcxyz'), rng.choice('0123456789')
+        op = rng.choice(['+', '-', '=', '<', '>'])
+        f = f'{a} {op} {b}' if rng.random() < 0.5 else f'{a} ^ {{ {b} }} {op} {rng.choice("pqrs")}'
+        out.add(f)
+    return sorted(out)
+
+
+@pytest.fixture(scope='module')
+def uniform_root(tmp_path_factory):
+    """A math-domain root whose 32 images all have one size; train == val == test (an overfit set)."""
+    root = tmp_path_factory.mktemp('uniform')
+    img_dir = root / 'adaptation_data' / 'math_images_resized'
+    lab_dir = root / 'adaptation_data' / 'math_labels'
+    img_dir.mkdir(parents=True)
+    lab_dir.mkdir(parents=True)
+    lines = []
+    for i, f in enumerate(short_formulas(32)):
+        ink = render.render_latex(f, fontsize=14, dpi=100)
+        canvas = np.full(SIZE, 255, np.uint8)
+        h, w = min(ink.shape[0], SIZE[0] - 4), min(ink.shape[1], SIZE[1] - 4)
+        canvas[2:2 + h, 2:2 + w] = ink[:h, :w]
+        Image.fromarray(canvas).save(img_dir / f'm{i:03d}.png')
+        lines.append(f'm{i:03d}.png\t{f}\n')
+    for split in data.SPLITS:
+        (lab_dir / f'{split}.txt').write_text(''.join(lines))
+    return str(root)
+
+
+def run(root, out, *extra):
+    return train.main(['--root_dir', root, '--train_on', 'math', '--out_dir', str(out)] + TINY + list(extra))
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+# -----------------------------------------------------------------------------
+# small pieces
+
+def test_sigmoid_rampup_values():
+    assert train.sigmoid_rampup(0, 5) == pytest.approx(math.exp(-5))
+    assert train.sigmoid_rampup(2.5, 5) == pytest.approx(math.exp(-5 * 0.25))
+    assert train.sigmoid_rampup(5, 5) == 1.0
+    assert train.sigmoid_rampup(9, 5) == 1.0
+    assert train.sigmoid_rampup(0, 0) == 1.0
+
+
+def test_update_ema_follows_formula():
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    t0 = [p.detach().clone() for p in teacher.parameters()]
+    s = [p.detach().clone() for p in student.parameters()]
+    train.update_ema(teacher, student, decay=0.99, step=0)      # a = min(1 - 1/1, .99) = 0: copy
+    for t, x in zip(teacher.parameters(), s):
+        assert torch.equal(t, x)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    train.update_ema(teacher, student, decay=0.99, step=3)      # a = min(0.75, .99) = 0.75
+    for t, x in zip(teacher.parameters(), s):
+        torch.testing.assert_close(t, 0.75 * x + 0.25 * (x + 1.0))
+    train.update_ema(teacher, student, decay=0.5, step=1000)    # a = decay
+    assert not torch.equal(next(teacher.parameters()), t0[0])
+
+
+def test_consistency_loss_masks_padding_and_is_zero_for_equal_inputs():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    for kind in ('kl', 'mse'):
+        assert float(train.consistency_loss(s, s.clone(), mask, kind)) == pytest.approx(0.0, abs=1e-6)
+        full = train.consistency_loss(s, t, mask, kind)
+        t2 = t.clone()
+        t2[0, 2:] = 100.0                                     # padded positions change: no effect
+        assert float(train.consistency_loss(s, t2, mask, kind)) == pytest.approx(float(full))
+    # KL by hand for one token
+    p, q = torch.softmax(t[0, 0], -1), torch.softmax(s[0, 0], -1)
+    one = torch.zeros(2, 4, dtype=torch.bool)
+    one[0, 0] = True
+    assert float(train.consistency_loss(s, t, one, 'kl')) == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-5)
+
+
+def schedule(argv, steps_per_epoch):
+    args = train.get_args(argv)
+    model = torch.nn.Linear(2, 2)
+    opt = train.make_optimizer(args, model)
+    return args, opt, train.make_scheduler(args, opt, steps_per_epoch)
+
+
+def test_onecycle_schedule_expected_lr():
+    args, opt, sched = schedule(['--initlr', '0.1', '--epochs', '10'], steps_per_epoch=10)   # 100 steps
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1 / 25)                  # starts at max_lr / 25
+    assert max(lrs) == pytest.approx(0.1, rel=1e-3)           # peak at 30% of the steps
+    assert int(np.argmax(lrs)) in (29, 30)
+    assert lrs[-1] == pytest.approx(0.1 / 25 / 1e4, rel=0.5)  # anneals to max_lr / 25 / 1e4
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]['nesterov']
+
+
+def test_adam_exponential_schedule_expected_lr():
+    args, opt, sched = schedule(['--Adam', '--initlr', '1e-3', '--gamma', '0.5'], steps_per_epoch=10)
+    assert isinstance(opt, torch.optim.Adam)
+    for epoch in range(4):
+        assert opt.param_groups[0]['lr'] == pytest.approx(1e-3 * 0.5 ** epoch)
+        opt.step()
+        sched.step()                                          # once per epoch
+
+
+def test_weight_decay_skips_biases_and_norms():
+    args = train.get_args(['--weight_decay', '0.01'])
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    groups = train.make_optimizer(args, model).param_groups
+    assert [len(g['params']) for g in groups] == [1, 3]
+    assert [g['weight_decay'] for g in groups] == [0.01, 0.0]
+
+
+def test_unlabeled_needs_mean_teacher():
+    with pytest.raises(SystemExit):
+        train.get_args(['--unlabeled', 'somewhere'])
+
+
+# -----------------------------------------------------------------------------
+# real runs on the uniform overfit set
+
+def test_overfit_reaches_high_exact_match(uniform_root, tmp_path):
+    # one batch of 32 per epoch; Adam with a slowly decaying lr (exact match 1.0 after ~75 steps here)
+    state = run(uniform_root, tmp_path, '--Adam', '--initlr', '1e-3', '--gamma', '0.97', '--batchsz', '32',
+                '--epochs', '80')
+    assert state['val_metrics']['exact_match'] >= 0.9, state['val_metrics']
+    run_dir = tmp_path / 'math'
+    assert (run_dir / 'last.pt').exists() and (run_dir / 'best.pt').exists()
+    assert (run_dir / 'args.json').exists() and list((run_dir / 'tb').iterdir())
+    ckpt = load(run_dir / 'best.pt')
+    assert ckpt['format_version'] == train.CKPT_FORMAT and ckpt['epoch'] >= 1
+    assert ckpt['args']['batchsz'] == 32 and ckpt['vocab'][:4] == list(data.SPECIALS)
+    assert all(torch.is_tensor(v) for v in ckpt['model'].values())
+
+
+def test_resume_after_interrupt_equals_uninterrupted(uniform_root, tmp_path, monkeypatch):
+    common = ('--mean_teacher', '--ema_decay', '0.9', '--rampup', '1', '--batchsz', '8', '--epochs', '2',
+              '--val_max', '4', '--initlr', '0.05')
+    run(uniform_root, tmp_path / 'a', *common)
+    full = load(tmp_path / 'a' / 'math' / 'last.pt')
+    assert full['step'] == 8 and full['epoch'] == 2
+
+    # interrupted: a SIGINT during step 6 (epoch 2) stops after that step and saves last.pt
+    calls = {'n': 0}
+    original = train.supervised_loss
+
+    def interrupting(*a, **k):
+        calls['n'] += 1
+        if calls['n'] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*a, **k)
+
+    monkeypatch.setattr(train, 'supervised_loss', interrupting)
+    with pytest.raises(SystemExit) as e:
+        run(uniform_root, tmp_path / 'b', *common)
+    assert e.value.code == 130
+    part = load(tmp_path / 'b' / 'math' / 'last.pt')
+    assert (part['epoch'], part['step'], part['batch_in_epoch']) == (1, 6, 2)
+    monkeypatch.setattr(train, 'supervised_loss', original)
+    run(uniform_root, tmp_path / 'b', '--resume', '--workers', '0')
+    resumed = load(tmp_path / 'b' / 'math' / 'last.pt')
+    assert resumed['step'] == 8 and resumed['epoch'] == 2
+    for key in ('model', 'teacher'):
+        for name, v in full[key].items():
+            assert torch.equal(v, resumed[key][name]), (key, name)
+    assert resumed['best_metric'] == full['best_metric']
+    assert resumed['scheduler']['last_epoch'] == full['scheduler']['last_epoch']
+    # the teacher is an EMA, not a copy of the student
+    assert any(not torch.equal(full['model'][k], full['teacher'][k]) for k in full['model']
+               if full['model'][k].is_floating_point())
+
+
+def test_nan_loss_is_skipped(uniform_root, tmp_path, monkeypatch):
+    calls = {'n': 0}
+    original = train.supervised_loss
+
+    def poisoned(*a, **k):
+        calls['n'] += 1
+        loss = original(*a, **k)
+        return loss * float('nan') if calls['n'] == 2 else loss
+
+    monkeypatch.setattr(train, 'supervised_loss', poisoned)
+    state = run(uniform_root, tmp_path, '--mean_teacher', '--batchsz', '16', '--epochs', '1', '--val_max', '4')
+    assert state['skipped_steps'] == 1 and state['step'] == 2
+    ckpt = load(tmp_path / 'math' / 'last.pt')
+    for key in ('model', 'teacher'):
+        assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point()), key
+
+
+def test_split_batch_trains(uniform_root, tmp_path):
+    state = run(uniform_root, tmp_path, '--split_batch', '--batchsz', '16', '--epochs', '1', '--val_max', '4')
+    assert state['step'] == 2 and math.isfinite(state['val_metrics']['bleu4'])
+
+
+def test_init_from_extends_vocab(uniform_root, tmp_path):
+    run(uniform_root, tmp_path / 'src', '--batchsz', '16', '--epochs', '1', '--val_max', '4')
+    src = load(tmp_path / 'src' / 'math' / 'best.pt')
+    # a new domain whose labels use tokens the source vocab lacks
+    root = tmp_path / 'chem'
+    shutil.copytree(os.path.join(uniform_root, 'adaptation_data', 'math_images_resized'),
+                    root / 'adaptation_data' / 'chemistry_images_resized')
+    lab = root / 'adaptation_data' / 'chemistry_labels'
+    lab.mkdir(parents=True)
+    names = sorted(os.listdir(root / 'adaptation_data' / 'chemistry_images_resized'))
+    new_tokens = ['\\novelA', '\\novelB']
+    lines = ''.join(f'{n}\tx {new_tokens[i % 2]} 2\n' for i, n in enumerate(names))
+    for split in data.SPLITS:
+        (lab / f'{split}.txt').write_text(lines)
+    train.main(['--root_dir', str(root), '--train_on', 'chemistry', '--out_dir', str(tmp_path / 'dst'),
+                '--init_from', str(tmp_path / 'src' / 'math' / 'best.pt'), '--batchsz', '16', '--epochs', '1',
+                '--val_max', '4', '--initlr', '0'] + TINY)
+    dst = load(tmp_path / 'dst' / 'chemistry' / 'last.pt')
+    assert dst['vocab'][:len(src['vocab'])] == src['vocab']
+    assert dst['vocab'][len(src['vocab']):] == new_tokens
+    assert dst['hparams']['vocab_size'] == len(src['vocab']) + 2
+    emb = [k for k, v in src['model'].items() if v.dim() == 2 and v.shape[0] == len(src['vocab'])]
+    assert emb, 'no vocab-sized weight found'
+    for k in emb:                  # lr 0 with SGD: the old rows are exactly the source's
+        assert torch.equal(dst['model'][k][:len(src['vocab'])], src['model'][k])
+
+
+def test_dry_run_saves_nothing(uniform_root, tmp_path):
+    state = run(uniform_root, tmp_path, '--dry_run', '--batchsz', '8', '--epochs', '3', '--val_max', '4')
+    assert state['step'] == 2
+    assert not (tmp_path / 'math' / 'last.pt').exists()
+
+
+def test_torchrun_two_processes_gloo(uniform_root, tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(REPO, 'train.py'), '--root_dir', uniform_root, '--train_on', 'math',
+           '--out_dir', str(tmp_path), '--batchsz', '8', '--epochs', '1', '--val_max', '8'] + TINY
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    res = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count('epoch 1/1 |') == 1                # only rank 0 prints
+    assert res.stdout.count('saved ') == 1
+    ckpt = load(tmp_path / 'math' / 'last.pt')
+    assert ckpt['step'] == 2                                   # 4 batches of 8 shared by 2 ranks
+    assert not any(k.startswith('module.') for k in ckpt['model'])

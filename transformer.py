@@ -1,0 +1,687 @@
+"""The model: EfficientNet-B0 encoder with two non-local blocks, a transformer decoder, and
+greedy / beam decoding with a key/value cache. Plus the checkpoint helpers (build_model,
+extend_vocab, load_checkpoint).
+
+Encoder (Tan & Le, "EfficientNet", ICML 2019; efficientnet_pytorch 0.7.1, built with no download):
+    image (B, 1, H, W), ink = 1
+    -> stem + 16 MBConv blocks (output stride 16 by default: the first block of stage 6 has stride 1),
+       NonLocalBlock2D (Wang et al., CVPR 2018) after blocks 10 and 14
+    -> _conv_head + _bn1 + swish: (B, 1280, h, w), h = ceil(H/16), w = ceil(W/16)
+    -> the "changed final FC": Linear(1280 -> d_model) at every position (the ImageNet `_fc` only saw
+       the pooled vector and is dropped), + 2D sinusoidal positions -> memory (B, S = h*w, d_model)
+Decoder (Vaswani et al., "Attention is all you need", NeurIPS 2017; pre-norm as in Xiong et al.,
+"On layer normalization in the transformer architecture", ICML 2020):
+    scaled token embedding + 1D sinusoidal positions, N x [causal self-attention, cross-attention to
+    the memory, feed-forward], final LayerNorm, Linear(d_model -> vocab).
+Decoding: batched greedy (cached or uncached, identical tokens), batched cached beam search with the
+length normalisation of Wu et al. 2016 (GNMT, eq. 14).
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import EOS, PAD, SOS
+from non_local_emb_gaussian import NonLocalBlock2D
+
+CHECKPOINT_FORMAT_VERSION = 1  # 'format_version' of the checkpoint dict train.py writes
+
+# Default non-local positions (block indexes of efficientnet_pytorch's `_blocks`, 0..15):
+# after block 10 (end of stage 5, 112 ch) and block 14 (end of stage 6, 192 ch). With output stride
+# 16 both run at stride 16, like the paper's res4 placement, where the attention is cheap: a 64x320
+# image gives a 4x20 map (80 positions), im2latex's largest common bucket (800x100 after the x2
+# downsample) 7x50 = 350, and even the 800x800 bucket 50x50 = 2500 positions x 625 sub-sampled keys
+# (6 MB of attention per image). At stride 8 (stages 3-4) the same 800x800 image would need
+# 10000 x 2500 per block, 16x more; at stride 32 (stage 7) a formula is only 1-2 rows high.
+DEFAULT_NONLOCAL_AFTER = (10, 14)
+
+# Decoder defaults: d_model 256, 8 heads (head dim 32), 3 layers, dim_ff 1024 (4 x d_model), dropout
+# 0.1 (the base transformer's). ~3.4M decoder parameters at a 500-token vocab, next to the 4.4M of the
+# encoder: im2latex targets are short (<= 150 tokens) over a small vocab, and the image, not the
+# language model, is the hard part, so the budget goes to the encoder. 3 layers keep cached decoding
+# at ~1-2 ms per token at batch 1 on a CPU (the decoder weights are read once per token). These are
+# not tuned on im2latex-100k (no training runs were possible when this was written); the flags
+# exist to tune them.
+DEFAULTS = dict(d_model=256, nhead=8, num_layers=3, dim_ff=1024, dropout=0.1, max_len=512,
+                output_stride=16, nonlocal_after=DEFAULT_NONLOCAL_AFTER, nonlocal_subsample=True,
+                drop_connect=0.2, bn_momentum=0.1, backbone_weights=None)
+
+NUM_BLOCKS_B0 = 16
+# index into efficientnet_pytorch's 7 stage block_args: stage 4 (blocks 5-7) and stage 6 (blocks 11-14)
+_STAGE4, _STAGE6 = 3, 5
+
+
+# -----------------------------------------------------------------------------
+# positional encodings
+
+def sinusoid(n, dim, device=None):
+    """(n, dim) float32 sinusoidal encoding of positions 0..n-1 (Vaswani et al. 2017, Sec. 3.5):
+    pe[p, 2i] = sin(p / 10000^(2i/dim)), pe[p, 2i+1] = cos(p / 10000^(2i/dim))."""
+    pos = torch.arange(n, dtype=torch.float32, device=device)[:, None]              # (n, 1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device)
+                     * (-math.log(10000.0) / dim))                                  # (dim/2,)
+    pe = torch.zeros(n, dim, device=device)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)
+    return pe
+
+
+def sinusoid_2d(h, w, dim, device=None):
+    """(h*w, dim) 2D encoding, row-major (s = y*w + x): the first dim/2 channels encode the row y,
+    the last dim/2 the column x, each with sinusoid() (as in DETR, Carion et al. 2020)."""
+    pe_y = sinusoid(h, dim // 2, device)                                            # (h, dim/2)
+    pe_x = sinusoid(w, dim // 2, device)                                            # (w, dim/2)
+    pe = torch.cat([pe_y[:, None, :].expand(h, w, dim // 2),
+                    pe_x[None, :, :].expand(h, w, dim // 2)], dim=-1)               # (h, w, dim)
+    return pe.reshape(h * w, dim)                                                   # (h*w, dim)
+
+
+def gnmt_length_penalty(length, alpha):
+    """Wu et al. 2016 (GNMT), eq. 14: lp(Y) = ((5 + |Y|) / 6)^alpha; |Y| counts the generated tokens
+    including <eos>. Beam scores are log P(Y) / lp(Y); alpha = 0 gives the plain summed log-prob."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+# -----------------------------------------------------------------------------
+# encoder
+
+def _build_backbone(output_stride, drop_connect, bn_momentum=0.1):
+    """efficientnet_pytorch B0 without any download: image_size=None gives dynamic "SAME" padding
+    (output = ceil(input / stride) for every size; the default 224 makes static padding that floors
+    other sizes), include_top=False drops `_fc` (unused: it only sees the pooled vector),
+    grayscale stem (1 input channel). State-dict keys stay efficientnet_pytorch's."""
+    from efficientnet_pytorch import EfficientNet
+    from efficientnet_pytorch.utils import get_model_params
+    blocks_args, global_params = get_model_params(
+        'efficientnet-b0', {'image_size': None, 'include_top': False, 'drop_connect_rate': drop_connect,
+                            # efficientnet_pytorch stores TF's decay (0.99 = torch momentum 0.01)
+                            'batch_norm_momentum': 1.0 - bn_momentum})
+    if output_stride <= 16:   # stage 6's first block (block 11): stride 2 -> 1
+        blocks_args[_STAGE6] = blocks_args[_STAGE6]._replace(stride=[1])
+    if output_stride <= 8:    # stage 4's first block (block 5): stride 2 -> 1
+        blocks_args[_STAGE4] = blocks_args[_STAGE4]._replace(stride=[1])
+    net = EfficientNet(blocks_args, global_params)
+    net._change_in_channels(1)    # fresh 1-channel stem (dynamic padding since image_size is None)
+    # nn.SiLU == x * sigmoid(x) == efficientnet_pytorch's swish, as one fused kernel each way (its
+    # MemoryEfficientSwish is a Python autograd.Function saving the same input): encoder fwd+bwd
+    # measured 3-10% faster on CPU (batch 16, 64x320). No parameters, so the state dict is unchanged.
+    net._swish = nn.SiLU()
+    for block in net._blocks:
+        block._swish = nn.SiLU()
+    return net
+
+
+class Encoder(nn.Module):
+    """EfficientNet-B0 (grayscale, output stride 8/16/32) + non-local blocks + per-position projection
+    to d_model + 2D sinusoidal positions. (B, 1, H, W) -> memory (B, ceil(H/s)*ceil(W/s), d_model)."""
+
+    def __init__(self, d_model, output_stride=16, nonlocal_after=DEFAULT_NONLOCAL_AFTER,
+                 nonlocal_subsample=True, drop_connect=0.2, bn_momentum=0.1):
+        super().__init__()
+        self.d_model = d_model
+        self.backbone = _build_backbone(output_stride, drop_connect, bn_momentum)
+        self.nonlocal_blocks = nn.ModuleDict()
+        for idx in nonlocal_after:
+            channels = self.backbone._blocks[idx]._bn2.num_features   # output channels of block idx
+            self.nonlocal_blocks[str(idx)] = NonLocalBlock2D(channels, sub_sample=nonlocal_subsample)
+        head_channels = self.backbone._bn1.num_features               # 1280
+        self.proj = nn.Linear(head_channels, d_model)                 # the changed final FC
+
+    def feature_map(self, images):
+        """(B, 1, H, W) -> (B, 1280, h, w). Same computation as EfficientNet.extract_features, with the
+        block loop re-run here to insert the non-local blocks (same drop-connect scaling)."""
+        net = self.backbone
+        x = net._swish(net._bn0(net._conv_stem(images)))              # (B, 32, ceil(H/2), ceil(W/2))
+        n = len(net._blocks)
+        for idx, block in enumerate(net._blocks):
+            rate = net._global_params.drop_connect_rate
+            if rate:
+                rate *= float(idx) / n                                  # scale drop connect rate
+            x = block(x, drop_connect_rate=rate)
+            key = str(idx)
+            if key in self.nonlocal_blocks:
+                x = self.nonlocal_blocks[key](x)
+        return net._swish(net._bn1(net._conv_head(x)))                # (B, 1280, h, w)
+
+    def forward(self, images):
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(f'expected images of shape (B, 1, H, W), got {tuple(images.shape)}')
+        x = self.feature_map(images)                                  # (B, 1280, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)                              # (B, h*w, 1280), s = y*w + x
+        x = self.proj(x)                                              # (B, h*w, d_model)
+        return x + sinusoid_2d(h, w, self.d_model, x.device).to(x.dtype)  # (B, S, d_model)
+
+    def load_imagenet(self, path):
+        """Load a local ImageNet state_dict (efficientnet_pytorch key names, e.g. the file of
+        efficientnet-b0-355c32eb.pth) into the backbone: the RGB stem kernel (32, 3, 3, 3) is summed
+        over its input-channel axis to (32, 1, 3, 3) (a gray image = equal R, G, B), `_fc.*` is skipped,
+        every other key must match."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{path}: backbone weights file not found')
+        try:
+            sd = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise ValueError(f'{path}: cannot read backbone weights ({type(e).__name__}: {e})') from None
+        if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict):
+            sd = sd['state_dict']
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            raise ValueError(f'{path}: not a state_dict of tensors (expected efficientnet_pytorch '
+                             f'EfficientNet-B0 weights)')
+        sd = {k: v for k, v in sd.items() if not k.startswith('_fc.')}
+        stem = sd.get('_conv_stem.weight')
+        if stem is not None and stem.dim() == 4 and stem.shape[1] == 3:
+            sd['_conv_stem.weight'] = stem.sum(dim=1, keepdim=True)      # (32, 3, 3, 3) -> (32, 1, 3, 3)
+        own = self.backbone.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+        if missing or unexpected or wrong:
+            def show(keys):
+                return ', '.join(keys[:5]) + (f' ... ({len(keys)} in all)' if len(keys) > 5 else '')
+            parts = []
+            if missing:
+                parts.append(f'missing keys: {show(missing)}')
+            if unexpected:
+                parts.append(f'unexpected keys: {show(unexpected)}')
+            if wrong:
+                parts.append('shape mismatch: ' + show([f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}'
+                                                        for k in wrong]))
+            raise ValueError(f'{path}: not efficientnet_pytorch EfficientNet-B0 weights ({"; ".join(parts)})')
+        self.backbone.load_state_dict(sd, strict=True)
+
+
+# -----------------------------------------------------------------------------
+# decoder
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer decoder layer: x += SelfAttn(LN(x)); x += CrossAttn(LN(x), memory);
+    x += FFN(LN(x)). Attention is F.scaled_dot_product_attention on explicit Q/K/V so that the keys
+    and values can be cached while decoding."""
+
+    def __init__(self, d_model, nhead, dim_ff, dropout):
+        super().__init__()
+        self.nhead, self.head_dim, self.dropout = nhead, d_model // nhead, dropout
+        self.norm1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)        # self-attention Q, K, V
+        self.self_out = nn.Linear(d_model, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.q = nn.Linear(d_model, d_model)              # cross-attention Q (from the tokens)
+        self.kv = nn.Linear(d_model, 2 * d_model)         # cross-attention K, V (from the memory)
+        self.cross_out = nn.Linear(d_model, d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.ff1 = nn.Linear(d_model, dim_ff)
+        self.ff2 = nn.Linear(dim_ff, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def _heads(self, x):
+        """(B, T, d) -> (B, nhead, T, head_dim)"""
+        b, t, _ = x.shape
+        return x.view(b, t, self.nhead, self.head_dim).transpose(1, 2)
+
+    def _merge(self, x):
+        """(B, nhead, T, head_dim) -> (B, T, d)"""
+        b, _, t, _ = x.shape
+        return x.transpose(1, 2).reshape(b, t, self.nhead * self.head_dim)
+
+    def memory_kv(self, memory):
+        """memory (B, S, d) -> cross-attention keys, values, each (B, nhead, S, head_dim)."""
+        k, v = self.kv(memory).chunk(2, dim=-1)           # 2 x (B, S, d)
+        return self._heads(k), self._heads(v)
+
+    def _ffn(self, x):
+        return self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.norm3(x))))))
+
+    def forward(self, x, mem_k, mem_v, attn_mask=None):
+        """Whole sequence (training / uncached decoding): x (B, T, d) -> (B, T, d).
+        attn_mask: None (plain causal) or bool (B, 1, T, T), True = may attend."""
+        p = self.dropout if self.training else 0.0
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)   # 3 x (B, T, d)
+        a = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v),
+                                           attn_mask=attn_mask, dropout_p=p,
+                                           is_causal=attn_mask is None)  # (B, h, T, hd)
+        x = x + self.drop(self.self_out(self._merge(a)))
+        q = self._heads(self.q(self.norm2(x)))                 # (B, h, T, hd)
+        a = F.scaled_dot_product_attention(q, mem_k, mem_v, dropout_p=p)   # (B, h, T, hd)
+        x = x + self.drop(self.cross_out(self._merge(a)))
+        return x + self._ffn(x)
+
+    def step(self, x, pos, cache):
+        """One new token per sequence at position `pos`, keys/values of positions < pos in `cache`:
+        x (N, d) -> (N, d). Appends this position's self-attention K/V to the cache. Eval only (no
+        dropout); the same maths as forward() with plain functions, since at batch 1 the per-call
+        overhead of modules is as large as the matrix-vector products themselves."""
+        n, d = x.shape
+        h, hd = self.nhead, self.head_dim
+        qkv = F.linear(_ln(self.norm1, x), self.qkv.weight, self.qkv.bias).view(n, 3, h, hd)  # (N, 3, h, hd)
+        if cache['k'] is None:   # allocated at the first step: dtype follows autocast
+            cache['k'] = qkv.new_empty(n, h, cache['max_len'], hd)   # (N, h, max_len, hd)
+            cache['v'] = qkv.new_empty(n, h, cache['max_len'], hd)
+        cache['k'].select(2, pos).copy_(qkv[:, 1])                    # (N, h, hd) at position pos
+        cache['v'].select(2, pos).copy_(qkv[:, 2])
+        a = F.scaled_dot_product_attention(qkv[:, 0].unsqueeze(2), cache['k'][:, :, :pos + 1],
+                                           cache['v'][:, :, :pos + 1])   # (N, h, 1, hd)
+        x = x + F.linear(a.reshape(n, d), self.self_out.weight, self.self_out.bias)   # (N, d)
+        q = F.linear(_ln(self.norm2, x), self.q.weight, self.q.bias).view(n, h, 1, hd)   # (N, h, 1, hd)
+        a = F.scaled_dot_product_attention(q, cache['mk'], cache['mv'])   # (N, h, 1, hd)
+        x = x + F.linear(a.reshape(n, d), self.cross_out.weight, self.cross_out.bias)  # (N, d)
+        y = F.gelu(F.linear(_ln(self.norm3, x), self.ff1.weight, self.ff1.bias))     # (N, dim_ff)
+        return x + F.linear(y, self.ff2.weight, self.ff2.bias)                       # (N, d)
+
+
+def _ln(norm, x):
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+class Decoder(nn.Module):
+    def __init__(self, vocab_size, d_model, nhead, num_layers, dim_ff, dropout, max_len):
+        super().__init__()
+        self.d_model, self.max_len = d_model, max_len
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.register_buffer('pos', sinusoid(max_len, d_model), persistent=False)   # (max_len, d)
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(DecoderLayer(d_model, nhead, dim_ff, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.out = nn.Linear(d_model, vocab_size)
+        for layer in self.layers:
+            for m in layer.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+        init_embedding_(self.embed.weight)
+        init_output_(self.out)
+
+    def _embed(self, ids, start):
+        """ids (B, T) at positions start..start+T-1 -> (B, T, d): sqrt(d)-scaled embedding + sinusoid."""
+        t = ids.shape[1]
+        if start + t > self.max_len:
+            raise ValueError(f'sequence of {start + t} tokens exceeds this model\'s max_len={self.max_len} '
+                             f'(filter longer formulas or build the model with a larger max_len)')
+        return self.drop(self.embed(ids) * math.sqrt(self.d_model) + self.pos[start:start + t].to(
+            self.embed.weight.dtype))
+
+    def forward(self, tgt_in, memory, tgt_pad_mask=None):
+        """tgt_in (B, T) ids, memory (B, S, d) -> logits (B, T, V)."""
+        x = self._embed(tgt_in, 0)                              # (B, T, d)
+        mask = None
+        if tgt_pad_mask is not None:
+            # Padding is trailing ([SOS] a b [EOS] PAD PAD), so the causal mask alone already hides it
+            # from every real position; the key mask is applied anyway so any padding layout is handled.
+            t = tgt_in.shape[1]
+            causal = torch.ones(t, t, dtype=torch.bool, device=tgt_in.device).tril()   # (T, T)
+            mask = causal[None, None] & ~tgt_pad_mask[:, None, None, :]               # (B, 1, T, T)
+            mask = mask | torch.eye(t, dtype=torch.bool, device=tgt_in.device)        # no empty row
+        for layer in self.layers:
+            mk, mv = layer.memory_kv(memory)
+            x = layer(x, mk, mv, mask)
+        return self.out(self.norm(x))                           # (B, T, V)
+
+    def init_cache(self, memory, max_len, repeat=1):
+        """Per-layer cache: cross-attention K/V of the memory computed once (then repeated `repeat`
+        times per image for beam search, rows b*repeat .. b*repeat+repeat-1), self-attention K/V
+        allocated at the first step for max_len positions."""
+        cache = []
+        for layer in self.layers:
+            mk, mv = layer.memory_kv(memory)                    # 2 x (B, h, S, hd)
+            if repeat > 1:
+                mk = mk.repeat_interleave(repeat, dim=0)        # (B*repeat, h, S, hd)
+                mv = mv.repeat_interleave(repeat, dim=0)
+            cache.append({'mk': mk, 'mv': mv, 'k': None, 'v': None, 'max_len': max_len})
+        return cache
+
+    def step(self, tok, pos, cache):
+        """tok (N,) ids at position pos -> logits (N, V)."""
+        if pos >= self.max_len:
+            raise ValueError(f'position {pos} exceeds this model\'s max_len={self.max_len}')
+        w = self.embed.weight
+        x = F.embedding(tok, w) * math.sqrt(self.d_model) + self.pos[pos].to(w.dtype)   # (N, d)
+        for layer, c in zip(self.layers, cache):
+            x = layer.step(x, pos, c)
+        return F.linear(_ln(self.norm, x), self.out.weight, self.out.bias)             # (N, V)
+
+
+def init_embedding_(weight):
+    """Token embeddings ~ N(0, d^-1/2): after the sqrt(d) scaling each entry has unit variance."""
+    nn.init.normal_(weight, mean=0.0, std=weight.shape[1] ** -0.5)
+
+
+def init_output_(linear):
+    nn.init.xavier_uniform_(linear.weight)
+    nn.init.zeros_(linear.bias)
+
+
+def _select_cache(cache, rows, upto=None):
+    """Keep / reorder batch rows of every layer's cache. upto=None: all tensors (images leave the batch);
+    upto=t: only the self-attention K/V of positions < t (beam reordering; cross K/V are per image)."""
+    for c in cache:
+        if upto is None:
+            for key in ('mk', 'mv', 'k', 'v'):
+                if c[key] is not None:
+                    c[key] = c[key].index_select(0, rows)
+        elif c['k'] is not None:
+            c['k'][:, :, :upto] = c['k'][rows, :, :upto]
+            c['v'][:, :, :upto] = c['v'][rows, :, :upto]
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class Im2LatexModel(nn.Module):
+    """EfficientNet-B0 + 2 non-local blocks encoder, transformer decoder; see the module docstring.
+
+    vocab_size: V (specials <pad>=0 <sos>=1 <eos>=2 <unk>=3 first); d_model, nhead, num_layers, dim_ff,
+    dropout: decoder size; max_len: longest token sequence (positions) the decoder accepts;
+    output_stride: 8, 16 or 32; nonlocal_after: backbone block indexes (0..15) followed by a
+    NonLocalBlock2D; nonlocal_subsample: 2x2 max-pool of the non-local keys/values; drop_connect:
+    the backbone's stochastic-depth rate; bn_momentum: BatchNorm running-statistics momentum (torch
+    convention). efficientnet_pytorch's default, TF's 0.01, leaves the eval-mode statistics far behind
+    the weights for thousands of steps: an overfit run of 75 steps at 0.1 reached exact match 1.0 in eval
+    mode while at 0.01 it stayed near 0; 0.1 (torch's default) is used here. backbone_weights: path of a local ImageNet state_dict of
+    efficientnet_pytorch's B0 (None: random init). `hparams` holds these kwargs (JSON-able), with
+    backbone_weights set to None once the file is loaded: the weights live on in the state dict, and
+    build_model(ckpt['hparams']) must not need the file (train.py keeps the path in its args).
+    """
+
+    def __init__(self, vocab_size, d_model=256, nhead=8, num_layers=3, dim_ff=1024, dropout=0.1,
+                 max_len=512, output_stride=16, nonlocal_after=DEFAULT_NONLOCAL_AFTER,
+                 nonlocal_subsample=True, drop_connect=0.2, bn_momentum=0.1, backbone_weights=None):
+        super().__init__()
+        nonlocal_after = [int(i) for i in nonlocal_after]
+        if vocab_size <= EOS:
+            raise ValueError(f'vocab_size={vocab_size}: the vocab must hold at least <pad> <sos> <eos>')
+        if d_model % nhead or d_model % 4:
+            raise ValueError(f'd_model={d_model} must be divisible by nhead={nhead} and by 4 (2D positions)')
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f'output_stride={output_stride}: must be 8, 16 or 32')
+        if len(set(nonlocal_after)) != len(nonlocal_after) or any(
+                not 0 <= i < NUM_BLOCKS_B0 for i in nonlocal_after):
+            raise ValueError(f'nonlocal_after={nonlocal_after}: distinct block indexes in 0..{NUM_BLOCKS_B0 - 1}')
+        self.hparams = dict(vocab_size=int(vocab_size), d_model=d_model, nhead=nhead, num_layers=num_layers,
+                            dim_ff=dim_ff, dropout=dropout, max_len=max_len, output_stride=output_stride,
+                            nonlocal_after=nonlocal_after, nonlocal_subsample=bool(nonlocal_subsample),
+                            drop_connect=drop_connect, bn_momentum=bn_momentum, backbone_weights=None)
+        self.vocab_size = int(vocab_size)
+        self.encoder = Encoder(d_model, output_stride, nonlocal_after, nonlocal_subsample, drop_connect,
+                               bn_momentum)
+        self.decoder = Decoder(vocab_size, d_model, nhead, num_layers, dim_ff, dropout, max_len)
+        if backbone_weights is not None:
+            self.encoder.load_imagenet(os.fspath(backbone_weights))
+
+    # --- training-time API --------------------------------------------------
+    def encode(self, images):
+        """(B, 1, H, W) -> memory (B, S, d_model), S = ceil(H/s) * ceil(W/s), s = output stride."""
+        return self.encoder(images)
+
+    def decode(self, tgt_in, memory, tgt_pad_mask=None):
+        """tgt_in (B, T) ids ([SOS] + tokens, teacher forcing) -> logits (B, T, V)."""
+        return self.decoder(tgt_in, memory, tgt_pad_mask)
+
+    def forward(self, images, tgt_in, tgt_pad_mask=None):
+        return self.decode(tgt_in, self.encode(images), tgt_pad_mask)
+
+    # --- decoding -----------------------------------------------------------
+    def _choice_mask(self, ignore_eos, device):
+        """(V,) additive float32 mask for choosing tokens: <pad> and <sos> are never generated (and
+        <eos> not with ignore_eos). Scores always use the unmasked log-probs."""
+        mask = torch.zeros(self.vocab_size, device=device)
+        mask[PAD] = mask[SOS] = float('-inf')
+        if ignore_eos:
+            mask[EOS] = float('-inf')
+        return mask
+
+    def _memory(self, images, memory):
+        if memory is None:
+            if images is None:
+                raise ValueError('give images or memory')
+            memory = self.encode(images)
+        return memory
+
+    def _check_max_len(self, max_len):
+        if not 1 <= max_len <= self.decoder.max_len:
+            raise ValueError(f'max_len={max_len}: must be in 1..{self.decoder.max_len} (the model\'s max_len)')
+
+    @torch.no_grad()
+    def greedy(self, images=None, memory=None, max_len=150, use_cache=True, ignore_eos=False):
+        """Batched greedy decoding. Returns (ids, logp): ids[b] the tokens without <sos>/<eos>,
+        logp (B,) float32 on the CPU, their summed log-probability (including <eos> when emitted).
+        A sequence stops at its <eos> (and leaves the batch); decoding stops when all have, or after
+        max_len steps. ignore_eos: <eos> is never chosen, so every output has exactly max_len tokens
+        (for benchmarks). use_cache=False re-runs the whole decoder on the prefix at every step
+        (the reference path; same tokens). Runs in eval mode (restored afterwards)."""
+        self._check_max_len(max_len)
+        was_training = self.training
+        self.eval()
+        try:
+            memory = self._memory(images, memory)
+            return self._greedy(memory, max_len, use_cache, ignore_eos)
+        finally:
+            self.train(was_training)
+
+    def _greedy(self, memory, max_len, use_cache, ignore_eos):
+        b, device = memory.shape[0], memory.device
+        choice_mask = self._choice_mask(ignore_eos, device)
+        rows = torch.arange(b, device=device)              # original index of each row still decoding
+        out = torch.full((b, max_len), PAD, dtype=torch.long, device=device)
+        lengths = torch.full((b,), max_len, dtype=torch.long, device=device)
+        logp_sum = torch.zeros(b, dtype=torch.float32, device=device)
+        tok = torch.full((b,), SOS, dtype=torch.long, device=device)
+        if use_cache:
+            cache = self.decoder.init_cache(memory, max_len)
+        else:
+            prefix = tok[:, None]                           # (N, 1)
+        for t in range(max_len):
+            if use_cache:
+                logits = self.decoder.step(tok, t, cache)                   # (N, V)
+            else:
+                logits = self.decoder(prefix, memory)[:, -1]                # (N, T, V) -> (N, V)
+            logp = F.log_softmax(logits.float(), dim=-1)                    # (N, V), float32
+            nxt = (logp + choice_mask).argmax(dim=-1)                       # (N,)
+            logp_sum[rows] += logp.gather(1, nxt[:, None])[:, 0]
+            out[rows, t] = nxt
+            if not ignore_eos:
+                done = nxt == EOS
+                if done.any():
+                    lengths[rows[done]] = t
+                    keep = (~done).nonzero()[:, 0]
+                    if keep.numel() == 0:
+                        break
+                    rows, nxt = rows[keep], nxt[keep]
+                    if use_cache:
+                        _select_cache(cache, keep)
+                    else:
+                        prefix, memory = prefix[keep], memory[keep]
+            tok = nxt
+            if not use_cache:
+                prefix = torch.cat([prefix, nxt[:, None]], dim=1)             # (N, t+2)
+        out, lengths = out.tolist(), lengths.tolist()
+        return [o[:n] for o, n in zip(out, lengths)], logp_sum.cpu()
+
+    @torch.no_grad()
+    def beam_search(self, images=None, memory=None, beam=5, max_len=150, length_penalty=1.0, ignore_eos=False):
+        """Batched beam search with a key/value cache. Returns (ids, score): the best hypothesis per
+        image (tokens without <sos>/<eos>) and its score log P / ((5 + len) / 6)^length_penalty
+        (Wu et al. 2016; len counts <eos>), float32 (B,) on the CPU. beam=1 gives the greedy tokens."""
+        best = self.beam_search_nbest(images, memory, beam, max_len, length_penalty, ignore_eos)
+        ids = [hyps[0][2] for hyps in best]
+        score = torch.tensor([hyps[0][0] for hyps in best], dtype=torch.float32)
+        return ids, score
+
+    @torch.no_grad()
+    def beam_search_nbest(self, images=None, memory=None, beam=5, max_len=150, length_penalty=1.0,
+                          ignore_eos=False):
+        """As beam_search, but returns for each image its finished hypotheses (at most `beam`) sorted by
+        score, best first: a list of (score, summed log-prob, ids) per image."""
+        self._check_max_len(max_len)
+        if beam < 1:
+            raise ValueError(f'beam={beam}: must be >= 1')
+        was_training = self.training
+        self.eval()
+        try:
+            memory = self._memory(images, memory)
+            return self._beam(memory, beam, max_len, length_penalty, ignore_eos)
+        finally:
+            self.train(was_training)
+
+    def _beam(self, memory, k, max_len, alpha, ignore_eos):
+        """Beam search in the manner of fairseq's sequence generator: at each step the 2k best
+        continuations of the k live hypotheses of each image; those ending in <eos> among the top k are
+        finished (scored with the length penalty), the k best not ending in <eos> live on. An image is
+        done when it has k finished hypotheses; at max_len the live ones are finished as they are."""
+        b, device = memory.shape[0], memory.device
+        v = self.vocab_size
+        choice_mask = self._choice_mask(ignore_eos, device)
+        cache = self.decoder.init_cache(memory, max_len, repeat=k)     # rows i*k + j: image i, beam j
+        images = list(range(b))                                        # original index of each live image
+        scores = torch.full((b, k), float('-inf'), device=device)      # (N, k) summed log-probs
+        scores[:, 0] = 0.0                                             # one live hypothesis at the start
+        hist = torch.empty(b, k, 0, dtype=torch.long, device=device)  # (N, k, t) tokens so far
+        tok = torch.full((b * k,), SOS, dtype=torch.long, device=device)
+        finished = [[] for _ in range(b)]                              # per image: (score, logp, ids)
+        n_cand = min(2 * k, k * v)
+        for t in range(max_len):
+            n = len(images)
+            logits = self.decoder.step(tok, t, cache)                  # (N*k, V)
+            logp = F.log_softmax(logits.float(), dim=-1) + choice_mask  # (N*k, V)
+            cand = (scores[:, :, None] + logp.view(n, k, v)).view(n, k * v)  # (N, k*V)
+            top, idx = cand.topk(n_cand, dim=1)                        # (N, 2k), best first
+            origin, token = idx // v, idx % v                          # beam of origin, new token
+            is_eos = token == EOS
+            ended = is_eos[:, :k] & torch.isfinite(top[:, :k])
+            if ended.any():
+                lp = gnmt_length_penalty(t + 1, alpha)
+                top_l, origin_l = top.tolist(), origin.tolist()
+                for i, j in ended.nonzero().tolist():
+                    ids = hist[i, origin_l[i][j]].tolist()
+                    finished[images[i]].append((top_l[i][j] / lp, top_l[i][j], ids))
+            # live on: the first k candidates not ending in <eos> (a stable sort on the flag keeps the
+            # score order); there are >= k since each beam contributes at most one <eos> candidate
+            order = torch.sort(is_eos.to(torch.uint8), dim=1, stable=True).indices[:, :k]   # (N, k)
+            scores = top.gather(1, order)                              # (N, k)
+            origin, token = origin.gather(1, order), token.gather(1, order)
+            hist = torch.cat([hist.gather(1, origin[:, :, None].expand(-1, -1, t)),
+                              token[:, :, None]], dim=2)               # (N, k, t+1)
+            rows = (torch.arange(n, device=device)[:, None] * k + origin).view(-1)   # (N*k,)
+            _select_cache(cache, rows, upto=t + 1)
+            tok = token.reshape(-1)                                    # (N*k,)
+            if t == max_len - 1:   # out of steps: the live hypotheses finish as they are
+                lp = gnmt_length_penalty(max_len, alpha)
+                for i, (s_row, h_row) in enumerate(zip(scores.tolist(), hist.tolist())):
+                    for s, ids in zip(s_row, h_row):
+                        if math.isfinite(s):
+                            finished[images[i]].append((s / lp, s, ids))
+                break
+            keep = [i for i, img in enumerate(images) if len(finished[img]) < k]
+            if len(keep) < n:
+                if not keep:
+                    break
+                keep_t = torch.tensor(keep, device=device)
+                images = [images[i] for i in keep]
+                scores, hist = scores[keep_t], hist[keep_t]
+                rows = (keep_t[:, None] * k + torch.arange(k, device=device)).view(-1)  # (N'*k,)
+                tok = tok[rows]
+                _select_cache(cache, rows)
+        return [sorted(hyps, key=lambda h: -h[0])[:k] for hyps in finished]
+
+    @torch.no_grad()
+    def sequence_logprob(self, images, tgt, length_penalty=None, memory=None):
+        """Summed log-probability (B,) float32 of the gold tgt (B, T) = [SOS] tokens [EOS], PAD-padded,
+        given the images (or their memory; teacher forcing, eval mode). With length_penalty=alpha the
+        sum is divided by ((5 + n) / 6)^alpha, n = tokens after <sos> including <eos>: the beam_search
+        score of tgt. (greedy's logp is the plain sum: length_penalty=None.)"""
+        was_training = self.training
+        self.eval()
+        try:
+            memory = self._memory(images, memory)
+            tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]                     # (B, T-1) each
+            logits = self.decode(tgt_in, memory, tgt_in == PAD)           # (B, T-1, V)
+            logp = F.log_softmax(logits.float(), dim=-1)
+            tok_logp = logp.gather(2, tgt_out[:, :, None])[:, :, 0]       # (B, T-1)
+            real = tgt_out != PAD
+            total = tok_logp.masked_fill(~real, 0.0).sum(dim=1)
+            if length_penalty is not None:
+                total = total / gnmt_length_penalty(real.sum(dim=1).float(), length_penalty)
+            return total
+        finally:
+            self.train(was_training)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint helpers
+
+def build_model(hparams):
+    """Im2LatexModel(**hparams): a new model from train.py's flags, or the architecture of a checkpoint
+    from ckpt['hparams'] (= model.hparams; missing keys take the defaults). A backbone_weights path is
+    loaded; a model's own .hparams never holds one (see Im2LatexModel)."""
+    hparams = dict(hparams)
+    unknown = sorted(set(hparams) - set(DEFAULTS) - {'vocab_size'})
+    if unknown:
+        raise ValueError(f'unknown model hyperparameters {unknown} (written by a newer version?)')
+    if 'vocab_size' not in hparams:
+        raise ValueError('model hyperparameters lack vocab_size')
+    return Im2LatexModel(**hparams)
+
+
+@torch.no_grad()
+def extend_vocab(model, new_vocab_size):
+    """Grow the token embedding and the output layer to new_vocab_size (domain adaptation with a vocab
+    extended by data.Vocab.extend). Old rows are kept bit-exact, new rows are initialised as in a fresh
+    model, so the logits of the old tokens are unchanged for the same input. Build the optimizer after
+    this call (the parameters are new tensors)."""
+    dec = model.decoder
+    old, d = dec.embed.num_embeddings, dec.embed.embedding_dim
+    if new_vocab_size < old:
+        raise ValueError(f'cannot shrink the vocab from {old} to {new_vocab_size}')
+    if new_vocab_size == old:
+        return
+    w = dec.embed.weight
+    embed = nn.Embedding(new_vocab_size, d, device=w.device, dtype=w.dtype)
+    init_embedding_(embed.weight)
+    embed.weight[:old] = w
+    out = nn.Linear(d, new_vocab_size, device=w.device, dtype=dec.out.weight.dtype)
+    init_output_(out)
+    out.weight[:old] = dec.out.weight
+    out.bias[:old] = dec.out.bias
+    dec.embed, dec.out = embed, out
+    model.vocab_size = new_vocab_size
+    model.hparams['vocab_size'] = new_vocab_size
+
+
+def load_checkpoint(path, which='model', map_location='cpu'):
+    """Load a checkpoint written by train.py. Returns (model in eval mode, vocab itos, checkpoint dict).
+    which='teacher' loads the mean-teacher weights."""
+    path = os.fspath(path)
+    if which not in ('model', 'teacher'):
+        raise ValueError(f"which={which!r}: must be 'model' or 'teacher'")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: checkpoint not found')
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from None
+    if not isinstance(ckpt, dict) or 'format_version' not in ckpt:
+        raise ValueError(f'{path}: not a checkpoint written by train.py (no format_version)')
+    if ckpt['format_version'] != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(f'{path}: unknown checkpoint format_version {ckpt["format_version"]!r} '
+                         f'(this code reads {CHECKPOINT_FORMAT_VERSION})')
+    for key in ('hparams', 'vocab', 'model'):
+        if key not in ckpt:
+            raise ValueError(f'{path}: checkpoint has no {key!r}')
+    sd = ckpt[which]
+    if sd is None:
+        raise ValueError(f'{path}: checkpoint has no teacher weights (trained without --mean_teacher)')
+    try:
+        model = build_model(ckpt['hparams'])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'{path}: bad model hyperparameters ({e})') from None
+    if len(ckpt['vocab']) != model.vocab_size:
+        raise ValueError(f'{path}: vocab has {len(ckpt["vocab"])} tokens but the model '
+                         f'{model.vocab_size} outputs')
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f'{path}: {which} weights do not fit the model ({e})') from None
+    model.to(map_location if isinstance(map_location, (str, torch.device)) else 'cpu')
+    model.eval()
+    return model, list(ckpt['vocab']), ckpt
