@@ -10,7 +10,6 @@ BLEU-4; the teacher's when --mean_teacher), args.json, tb/ (TensorBoard).
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import random
@@ -681,8 +680,7 @@ def main(argv=None):
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         if not args.dry_run:
-            data.atomic_write(os.path.join(run_dir, 'args.json'),
-                              lambda tmp: open(tmp, 'w').write(json.dumps(vars(args), indent=2) + '\n'))
+            evaluation.write_json(os.path.join(run_dir, 'args.json'), vars(args))
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(run_dir, 'tb'))
         n_params = sum(p.numel() for p in model.parameters())
