@@ -131,36 +131,11 @@ class DataRootError(FileNotFoundError):
     """A data root without the expected folders; the message names what is missing and how to make it."""
 
 
-def load_gray(path):
-    """Read any image file as a uint8 (H, W) array, dark ink on white (255).
-    Modes: 1, L, P, RGB, CMYK, ... ; RGBA/LA/PA and palette or gray transparency are composited on
-    white (a transparent background becomes white); 16-bit and float images are scaled to 0..255.
-    The EXIF orientation (photos) is applied. Raises ImageError(path, reason) for unreadable files."""
+@contextlib.contextmanager
+def _reading(path):
+    """Turn any failure to read the image at `path` into ImageError(path, reason)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.format != 'PNG' and im.getexif().get(0x0112, 1) != 1:
-                im = ImageOps.exif_transpose(im)
-            if im.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):
-                a = np.asarray(im, dtype=np.float64)
-                if im.mode.startswith('I;16'):
-                    hi = 65535.0
-                elif im.mode == 'F' and a.size and a.max() <= 1.0:
-                    hi = 1.0
-                else:
-                    hi = 65535.0 if a.size and a.max() > 255 else 255.0
-                return np.clip(np.round(a / hi * 255.0), 0, 255).astype(np.uint8)
-            if im.mode in ('P', 'PA') or (im.mode in ('L', 'RGB') and 'transparency' in im.info):
-                im = im.convert('RGBA')
-            if im.mode in ('RGBA', 'LA', 'RGBa', 'La'):
-                white = Image.new('RGBA', im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(white, im.convert('RGBA'))
-            if im.mode != 'L':
-                try:
-                    im = im.convert('L')
-                except ValueError:              # e.g. LAB/HSV: no direct conversion
-                    im = im.convert('RGB').convert('L')
-            return np.asarray(im, dtype=np.uint8).copy()
+        yield
     except FileNotFoundError:
         raise ImageError(path, 'file not found') from None
     except IsADirectoryError:
@@ -171,25 +146,47 @@ def load_gray(path):
         raise ImageError(path, f'cannot read image ({type(e).__name__}: {e})') from None
 
 
+def load_gray(path):
+    """Read any image file as a uint8 (H, W) array, dark ink on white (255).
+    Modes: 1, L, P, RGB, CMYK, ... ; RGBA/LA/PA and palette or gray transparency are composited on
+    white (a transparent background becomes white); 16-bit and float images are scaled to 0..255.
+    The EXIF orientation (photos) is applied. Raises ImageError(path, reason) for unreadable files."""
+    with _reading(path), Image.open(path) as im:
+        im.load()
+        if im.format != 'PNG' and im.getexif().get(0x0112, 1) != 1:
+            im = ImageOps.exif_transpose(im)
+        if im.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):
+            a = np.asarray(im, dtype=np.float64)
+            if im.mode.startswith('I;16'):
+                hi = 65535.0
+            elif im.mode == 'F' and a.size and a.max() <= 1.0:
+                hi = 1.0
+            else:
+                hi = 65535.0 if a.size and a.max() > 255 else 255.0
+            return np.clip(np.round(a / hi * 255.0), 0, 255).astype(np.uint8)
+        if im.mode in ('P', 'PA') or (im.mode in ('L', 'RGB') and 'transparency' in im.info):
+            im = im.convert('RGBA')
+        if im.mode in ('RGBA', 'LA', 'RGBa', 'La'):
+            white = Image.new('RGBA', im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, im.convert('RGBA'))
+        if im.mode != 'L':
+            try:
+                im = im.convert('L')
+            except ValueError:              # e.g. LAB/HSV: no direct conversion
+                im = im.convert('RGB').convert('L')
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
 def image_size(path):
     """(H, W) of an image file without decoding its pixels. PNG files are also checked end to end
     (chunk CRCs up to IEND), which catches truncated and damaged files for the cost of reading them.
     Raises ImageError."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.format == 'PNG':
-                im.verify()
-            elif im.getexif().get(0x0112, 1) in (5, 6, 7, 8):     # rotated by 90 degrees (load_gray applies it)
-                w, h = h, w
-    except FileNotFoundError:
-        raise ImageError(path, 'file not found') from None
-    except IsADirectoryError:
-        raise ImageError(path, 'is a folder, not an image') from None
-    except MemoryError:
-        raise
-    except Exception as e:
-        raise ImageError(path, f'cannot read image ({type(e).__name__}: {e})') from None
+    with _reading(path), Image.open(path) as im:
+        w, h = im.size
+        if im.format == 'PNG':
+            im.verify()
+        elif im.getexif().get(0x0112, 1) in (5, 6, 7, 8):     # rotated by 90 degrees (load_gray applies it)
+            w, h = h, w
     if w < 1 or h < 1:
         raise ImageError(path, f'empty image ({w}x{h})')
     return h, w
@@ -474,7 +471,7 @@ class Augment:
     given torch.Generator, so a seed gives the same result in any process."""
 
     def __init__(self, strength=1.0, rotate=2.0, scale=(0.9, 1.05), translate=(0.02, 0.05), shear=2.0,
-                 thickness=0.5, blur_p=0.5, blur_sigma=0.8, contrast=0.3, noise=0.04):
+                 thickness=0.3, blur_p=0.5, blur_sigma=0.6, contrast=0.3, noise=0.04, tries=4):
         self.strength = float(strength)
         self.rotate = rotate                # degrees, +-
         self.scale = scale                  # scale range at strength 1
@@ -484,6 +481,7 @@ class Augment:
         self.blur_p, self.blur_sigma = blur_p, blur_sigma
         self.contrast = contrast            # ink darkness reduced by up to this fraction
         self.noise = noise                  # max std of the Gaussian pixel noise
+        self.tries = tries                  # geometric draws tried before leaving the geometry unchanged
 
     def __repr__(self):
         return f'Augment(strength={self.strength})'
@@ -500,12 +498,22 @@ class Augment:
             return lo + (hi - lo) * float(torch.rand((), generator=generator))
 
         _, H, W = img.shape
-        angle = u(-1, 1) * self.rotate * s
-        scale = 1.0 + u(self.scale[0] - 1.0, self.scale[1] - 1.0) * s
-        tx, ty = u(-1, 1) * self.translate[0] * W * s, u(-1, 1) * self.translate[1] * H * s
-        shear = u(-1, 1) * self.shear * s
-        x = TF.affine(img, angle=angle, translate=[tx, ty], scale=scale, shear=[shear, 0.0],
-                      interpolation=InterpolationMode.BILINEAR, fill=[0.0])
+        # Formula images are cropped tight (Deng pads 8 px, 4 after downsampling), so a shift, rotation or
+        # zoom can push a symbol off the canvas and make the label wrong. A draw that moves ink onto the
+        # border (where the input has none) is redrawn, weaker each time; after `tries` the geometry is
+        # left unchanged. Example: 4 px margins on a 360 px wide image, shift 6 px -> redrawn.
+        x, border_ink = img, _border_ink(img)
+        for k in range(self.tries):
+            g = s * 0.5 ** k
+            angle = u(-1, 1) * self.rotate * g
+            scale = 1.0 + u(self.scale[0] - 1.0, self.scale[1] - 1.0) * g
+            tx, ty = u(-1, 1) * self.translate[0] * W * g, u(-1, 1) * self.translate[1] * H * g
+            shear = u(-1, 1) * self.shear * g
+            y = TF.affine(img, angle=angle, translate=[tx, ty], scale=scale, shear=[shear, 0.0],
+                          interpolation=InterpolationMode.BILINEAR, fill=[0.0])
+            if border_ink or not _border_ink(y):
+                x = y
+                break
         t = u(-1, 1) * self.thickness * s
         x4 = x[None]                                                    # (1, 1, H, W) for pooling
         if t > 0:      # thicker strokes
@@ -522,6 +530,11 @@ class Augment:
         if std > 0:
             x = x + std * torch.randn(x.shape, generator=generator)
         return x.clamp_(0.0, 1.0)
+
+
+def _border_ink(x, level=0.25):
+    """True if the (1, H, W) image (ink = 1) has ink above `level` in its outermost rows or columns."""
+    return bool((x[:, [0, -1], :] > level).any() or (x[:, :, [0, -1]] > level).any())
 
 
 # -----------------------------------------------------------------------------

@@ -151,6 +151,20 @@ def update_ema(teacher, student, decay, step):
         t.mul_(a).add_(s.detach(), alpha=1.0 - a)
 
 
+def ema_horizon_note(decay, total_steps):
+    """A warning (or None) when the run is short for the EMA decay. With the warm-up formula of
+    update_ema the teacher is the plain average of every student since step 0 until 1 - 1/(step+1)
+    reaches `decay`, i.e. for the first 1/(1-decay) steps; a run not several times longer ships a
+    teacher that still carries the early, untrained weights."""
+    window = 1.0 / (1.0 - decay) if decay < 1.0 else float('inf')
+    if total_steps >= 3 * window:
+        return None
+    fits = [d for d in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9) if d < decay and 3.0 / (1.0 - d) <= total_steps]
+    return (f'--ema_decay {decay}: the teacher averages all weights of the first {window:.0f} steps, but this '
+            f'run has {total_steps} steps, so it will lag far behind the student'
+            + (f'; for a run this short use --ema_decay {fits[0]}' if fits else ''))
+
+
 def consistency_loss(student_logits, teacher_logits, mask, kind='kl'):
     """Per-token consistency cost between student and (detached) teacher predictions, summed over the
     tokens where `mask` is True. kl: KL(teacher || student); mse: squared distance of the softmaxes.
@@ -691,6 +705,9 @@ def main(argv=None):
                if teacher is not None else ''))
         if init_note:
             log(init_note)
+        note = ema_horizon_note(args.ema_decay, steps_per_epoch * args.epochs) if teacher is not None else None
+        if note:
+            log(note)
 
     try:
         with GracefulStop() as stop:
@@ -707,6 +724,7 @@ def main(argv=None):
     if is_main and not args.dry_run:
         log(f'done: best val BLEU-4 {state["best_metric"]:.2f}; checkpoints in {run_dir}/ '
             f'(evaluate: python3 test.py --test_on {args.train_on} --out_dir {args.out_dir}'
+            + (f' --root_dir {args.root_dir}' if args.root_dir != data.DEFAULT_ROOT else '')
             + (' --mean_teacher' if teacher is not None else '') + ')')
     return state
 

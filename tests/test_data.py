@@ -519,6 +519,25 @@ def test_augment():
     assert (weak - x).abs().mean() < (a - x).abs().mean()
 
 
+def test_augment_keeps_ink_on_a_tight_canvas():
+    # ink up to 3 px from every border (a tightly cropped formula): no draw may push it off the canvas
+    x = torch.zeros(1, 40, 300)
+    x[:, 3:37, 3:297:6] = 1.0                   # vertical strokes from the left to the right margin
+    x[:, 3:5, 3:297] = 1.0                      # and a rule along the top
+    moved = 0
+    for seed in range(40):
+        y = data.Augment(1.0, noise=0.0, blur_p=0.0, thickness=0.0, contrast=0.0)(
+            x, torch.Generator().manual_seed(seed))
+        assert not data._border_ink(y), seed
+        row = (y[0, 18:23].amax(0) > 0.3).int()                          # a band across the strokes
+        assert int((row[1:] - row[:-1] == 1).sum()) + int(row[0]) == 49, seed   # no stroke cut away
+        moved += not torch.equal(y, x)
+    assert moved >= 30                          # the geometry still varies: most draws fit
+    edge = torch.zeros(1, 20, 60)
+    edge[:, :, 0] = 1.0                         # ink already on the border: any draw is accepted
+    assert not torch.equal(data.Augment(1.0, noise=0.0)(edge, torch.Generator().manual_seed(0)), edge)
+
+
 # -----------------------------------------------------------------------------
 # samplers
 

@@ -95,6 +95,17 @@ def test_update_ema_follows_formula():
     assert not torch.equal(next(teacher.parameters()), t0[0])
 
 
+def test_ema_horizon_note_warns_only_for_runs_short_for_the_decay():
+    # decay 0.999: uniform averaging over the first 1000 steps; runs under 3000 steps are warned
+    note = train.ema_horizon_note(0.999, 480)
+    assert note is not None and '480 steps' in note and '1000 steps' in note
+    assert note.endswith('use --ema_decay 0.99')             # largest listed decay with 3 windows <= 480
+    assert train.ema_horizon_note(0.999, 3000) is None
+    assert train.ema_horizon_note(0.99, 480) is None          # window 100 steps
+    assert train.ema_horizon_note(0.99, 299).endswith('use --ema_decay 0.98')
+    assert 'use' not in train.ema_horizon_note(0.9, 10)       # nothing smaller to suggest
+
+
 def test_consistency_loss_masks_padding_and_is_zero_for_equal_inputs():
     torch.manual_seed(0)
     s, t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
