@@ -850,7 +850,7 @@ def bench_data_in(b, tmp):
               rows['load split, cache build'], p)
 
     # an epoch of every item through make_loader, from the files and from the cache
-    pre = data.read_token_list(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pre_vocab.txt'))
+    pre = data.read_token_list(data.PRE_VOCAB)
     cuda = b.device.type == 'cuda'
     loader_rows = {}
     for source in ('files', 'cache', 'cache+augment'):   # cache+augment: --mean_teacher's two augmented views

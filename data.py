@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps
 
 DEFAULT_ROOT = 'data/demo'  # demo data root (relative to the current directory, git-ignored)
+PRE_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pre_vocab.txt')   # known tokens
 DOMAINS = ('openai', 'math', 'chemistry')
 SPLITS = ('train', 'val', 'test')
 SPECIALS = ('<pad>', '<sos>', '<eos>', '<unk>')
@@ -255,6 +256,15 @@ def read_token_list(path):
                 seen.add(tok)
                 tokens.append(tok)
     return tokens
+
+
+def vocab_coverage(token_lists, known):
+    """Share of token occurrences in `token_lists` that are in `known` (1.0 for no tokens), and a Counter
+    of the missing ones. Example: [['a', 'b'], ['a', 'c']] with known {'a', 'b'} -> (0.75, {'c': 1})."""
+    known = set(known)
+    missing = Counter(t for toks in token_lists for t in toks if t not in known)
+    total = sum(len(toks) for toks in token_lists)
+    return (1.0 - sum(missing.values()) / total if total else 1.0), missing
 
 
 class Vocab:
@@ -1211,6 +1221,7 @@ def main(argv=None):
     p.add_argument('--cache', action='store_true', help='build / verify <root>/.cache for each split')
     args = p.parse_args(argv)
     problems = Problems()
+    known = read_token_list(PRE_VOCAB)
     for domain in args.domains:
         for split in args.splits:
             try:
@@ -1219,8 +1230,11 @@ def main(argv=None):
                 print(f'{domain}/{split}: {e}')
                 continue
             n_tok = [len(t) for t in ds.tokens] or [0]
+            share, missing = vocab_coverage(ds.tokens, known)
             print(f'{domain}/{split}: {len(ds)} samples, {len(set(ds.sizes))} sizes, tokens/formula '
-                  f'mean {np.mean(n_tok):.1f} max {max(n_tok)}, loaded in {ds.load_seconds:.2f} s')
+                  f'mean {np.mean(n_tok):.1f} max {max(n_tok)}, {100 * share:.2f}% of tokens in pre_vocab.txt'
+                  + (' (missing: ' + ' '.join(f'{t} x{n}' for t, n in missing.most_common(10)) + ')'
+                     if missing else '') + f', loaded in {ds.load_seconds:.2f} s')
     if problems.summary():
         print(problems.summary())
 

@@ -630,7 +630,7 @@ def main(argv=None):
                      f'tokens')
         del init
     else:
-        pre = data.read_token_list(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pre_vocab.txt'))
+        pre = data.read_token_list(data.PRE_VOCAB)
         vocab = data.Vocab.build(pre, train_set.tokens)
         model = transformer.build_model(model_hparams(args, len(vocab)))
     train_set.vocab = vocab

@@ -713,3 +713,12 @@ def test_demo_root_loads_all_domains(request):
                 assert mb['images'].shape[0] == mb['tgt'].shape[0] == len(mb['indices'])
                 n += len(mb['indices'])
         assert n == len(ds)
+
+
+def test_vocab_coverage_hand_computed():
+    share, missing = data.vocab_coverage([['a', 'b'], ['a', 'c']], {'a', 'b'})
+    assert share == 0.75 and missing == {'c': 1}
+    share, missing = data.vocab_coverage([['\\frac', '{', 'x', '}'], ['\\foo', '\\foo']], data.read_token_list(
+        data.PRE_VOCAB))
+    assert share == pytest.approx(4 / 6) and missing == {'\\foo': 2}
+    assert data.vocab_coverage([], {'a'}) == (1.0, {})
