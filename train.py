@@ -324,6 +324,18 @@ def _dist_device():
         if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
 
 
+def all_ranks_have_data(micro, world):
+    """False when this batch is empty on any rank (every image of it failed to decode after the size
+    scan, e.g. a truncated BMP or TIFF: only PNGs are checked end to end). All ranks then skip the step
+    together: a rank without a backward would leave the others waiting in DDP's gradient all-reduce."""
+    have = bool(micro)
+    if world > 1:
+        t = torch.tensor([float(have)], device=_dist_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        have = bool(t.item() > 0)
+    return have
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -366,13 +378,17 @@ def train_one_epoch(args, model, teacher, loader, sampler, unlabeled, optimizer,
     for micro in pbar:
         frac_epoch = epoch + state['batch_in_epoch'] / max(1, steps_per_epoch)
         w = args.consistency * sigmoid_rampup(frac_epoch, args.rampup) if teacher is not None else 0.0
-        u_mb = next(unlabeled) if unlabeled is not None else None
-        out = train_step(args, model, teacher, micro, u_mb, optimizer, scaler, amp_dtype, device,
-                         state['step'], w)
+        if all_ranks_have_data(micro, world):
+            u_mb = next(unlabeled) if unlabeled is not None else None
+            out = train_step(args, model, teacher, micro, u_mb, optimizer, scaler, amp_dtype, device,
+                             state['step'], w)
+            why = 'non-finite loss/gradient'
+        else:
+            out = {'ce': 0.0, 'n_tok': 0, 'cons': 0.0, 'grad_norm': 0.0, 'skipped': True, 'n_images': 0}
+            why = 'no readable image in the batch (on some process)'
         if out['skipped']:
             state['skipped_steps'] += 1
-            log(f'step {state["step"]}: non-finite loss/gradient, step skipped '
-                f'({state["skipped_steps"]} so far)')
+            log(f'step {state["step"]}: {why}, step skipped ({state["skipped_steps"]} so far)')
         if not args.Adam:
             scheduler.step()
         state['step'] += 1

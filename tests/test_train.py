@@ -1,5 +1,6 @@
 """train.py: schedules, mean-teacher pieces, and short real runs on CPU (overfit, resume, NaN skip,
 --init_from vocab extension, --split_batch, --mean_teacher, 2-process torchrun)."""
+import io
 import math
 import os
 import random
@@ -273,6 +274,35 @@ def test_dry_run_saves_nothing(uniform_root, tmp_path):
     state = run(uniform_root, tmp_path, '--dry_run', '--batchsz', '8', '--epochs', '3', '--val_max', '4')
     assert state['step'] == 2
     assert not (tmp_path / 'math' / 'last.pt').exists()
+
+
+def test_batch_without_readable_images_is_skipped_on_every_process(uniform_root, tmp_path):
+    # 4 BMPs of their own size that pass the size scan (header) but fail to decode (truncated): their
+    # batch is empty after loading. Every process must skip that step together, or DDP would hang.
+    root = tmp_path / 'root'
+    shutil.copytree(uniform_root, root)
+    img_dir = root / 'adaptation_data' / 'math_images_resized'
+    lines = []
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((40, 100), 255, np.uint8)).save(buf, 'BMP')
+        (img_dir / f'bad{i}.bmp').write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+        lines.append(f'bad{i}.bmp\tx + {i}\n')
+    train_txt = root / 'adaptation_data' / 'math_labels' / 'train.txt'
+    train_txt.write_text(train_txt.read_text() + ''.join(lines))
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    common = ['--root_dir', str(root), '--train_on', 'math', '--batchsz', '8', '--epochs', '1', '--val_max', '8']
+    # one process: batches [8 8 8 8] [4] -> 5 steps, the bad one skipped
+    state = train.main(common + ['--out_dir', str(tmp_path / 'one')] + TINY)
+    assert (state['step'], state['skipped_steps']) == (5, 1)
+    # two processes: the 8s split until 6 batches (3 per process); the bad batch lands on one of them
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(REPO, 'train.py')] + common + ['--out_dir', str(tmp_path / 'two')] + TINY
+    res = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count('no readable image in the batch') == 1
+    ckpt = load(tmp_path / 'two' / 'math' / 'last.pt')
+    assert (ckpt['step'], ckpt['skipped_steps']) == (3, 1)
 
 
 def test_torchrun_two_processes_gloo(uniform_root, tmp_path):
