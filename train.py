@@ -310,12 +310,7 @@ class GracefulStop:
 
     def check(self, world):
         """Raise StopRequested when a stop was asked for (on any rank)."""
-        flag = self.requested
-        if world > 1:
-            t = torch.tensor([float(flag)], device=_dist_device())
-            torch.distributed.all_reduce(t)
-            flag = bool(t.item() > 0)
-        if flag:
+        if any_rank(self.requested, world):
             raise StopRequested
 
 
@@ -324,16 +319,20 @@ def _dist_device():
         if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
 
 
+def any_rank(flag, world):
+    """True if `flag` is true on any rank (one all-reduce when world > 1)."""
+    if world > 1:
+        t = torch.tensor([float(flag)], device=_dist_device())
+        torch.distributed.all_reduce(t)
+        return bool(t.item() > 0)
+    return bool(flag)
+
+
 def all_ranks_have_data(micro, world):
     """False when this batch is empty on any rank (every image of it failed to decode after the size
     scan, e.g. a truncated BMP or TIFF: only PNGs are checked end to end). All ranks then skip the step
     together: a rank without a backward would leave the others waiting in DDP's gradient all-reduce."""
-    have = bool(micro)
-    if world > 1:
-        t = torch.tensor([float(have)], device=_dist_device())
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        have = bool(t.item() > 0)
-    return have
+    return not any_rank(not micro, world)
 
 
 # -----------------------------------------------------------------------------
