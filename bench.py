@@ -9,7 +9,7 @@
 Every figure is the median (with min, max and IQR) of --repeats timed runs after --warmup untimed ones
 (a row stops repeating after --row_budget seconds once it has 3 runs). GPU timings are bracketed by
 torch.cuda.synchronize(). Rows:
-  train   images/s of one real optimizer step (train.train_step: forward, loss, backward, unscale, clip,
+  train   images/s of one real optimizer step (train.Trainer.train_step: forward, loss, backward, unscale, clip,
           step, EMA), student only and student + mean teacher, on random images and 60-token targets;
   decode  ms per formula of greedy (with / without the key-value cache) and beam search from the encoder
           memory, lengths forced with ignore_eos (comparable across checkpoints), + the encoder's ms;
@@ -39,7 +39,10 @@ import json
 import math
 import os
 import platform
+import re
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +53,8 @@ import torch
 import data
 import train
 import transformer
+from checkpoint import load_checkpoint, load_model
+from utils import amp_context, n_workers, write_json
 
 # -----------------------------------------------------------------------------
 # defaults (every one is a flag below; None = chosen by device, or by --quick)
@@ -75,6 +80,15 @@ WAIT_IDLE = 120.0               # s to wait for other processes to go quiet befo
 IDLE_CORES = 0.2                # "idle": other processes use less than this many cores
 SEED = 0
 # --quick: what it changes (explicit flags still win)
+# --learn: the fixed set and the recipe under test (the README quick start's)
+LEARN_ROOT = 'data/learn'
+LEARN_OUT = 'runs/learn'
+LEARN_DOMAIN = 'math'
+LEARN_N = 4000
+LEARN_BUDGET = '600'
+LEARN_TRAIN_ARGS = '--Adam --batchsz 16'
+DIAG_BATCHES = 8                # val batches the diagnostics look at
+
 QUICK = dict(sizes='64x320', batch='8', decode_batch=8, repeats=3, warmup=1, row_budget=8.0, data_n=32)
 
 AMP = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
@@ -141,7 +155,29 @@ def get_args(argv=None):
                    help='DataLoader workers of the "workers N" rows (default: CPU cores, at most 4)')
     g.add_argument('--loader_items', type=int, default=LOADER_MIN_ITEMS,
                    help='one timed loader run = enough epochs of the split for this many images')
+    g = p.add_argument_group('learning benchmark (--learn): does the model learn to read, and how fast')
+    g.add_argument('--learn', action='store_true',
+                   help='render a fixed demo set (once), train the recipe of --train_args for --budget, evaluate '
+                        'val and test, diagnose, print a table and write learn.json + learn.png (instead of the '
+                        'speed sections)')
+    g.add_argument('--budget', default=LEARN_BUDGET,
+                   help='training budget: optimizer steps (e.g. 600; deterministic for a seed on a CPU) or '
+                        'minutes (e.g. 10min)')
+    g.add_argument('--learn_root', default=LEARN_ROOT, help='where the fixed set is rendered (once) and read')
+    g.add_argument('--learn_n', type=int, default=LEARN_N,
+                   help='training formulas of the fixed set (val and test get 10%% each)')
+    g.add_argument('--learn_domain', default=LEARN_DOMAIN, choices=('openai', 'math', 'chemistry'),
+                   help='domain of the fixed set')
+    g.add_argument('--learn_out', default=LEARN_OUT, help='run folder: checkpoints, history, learn.json, learn.png')
+    g.add_argument('--train_args', default=LEARN_TRAIN_ARGS,
+                   help='train.py flags of the recipe under test (one string), e.g. "--Adam --initlr 3e-4"')
     args = p.parse_args(argv)
+    if args.learn:
+        try:
+            args.budget = parse_budget(args.budget)
+        except ValueError as e:
+            p.error(str(e))
+        return args
 
     args.sections = [s.strip() for s in args.sections.split(',') if s.strip()]
     bad = [s for s in args.sections if s not in SECTIONS.split(',')]
@@ -481,7 +517,7 @@ def train_args(**overrides):
 def base_model(b):
     """-> (model on the CPU, description). The --weights checkpoint's model, or a random default-size one."""
     if b.args.weights:
-        model, itos, _ = transformer.load_checkpoint(b.args.weights, map_location='cpu')
+        model, itos, _ = load_checkpoint(b.args.weights, map_location='cpu')
         return model, f'{b.args.weights} (vocab {len(itos)})'
     torch.manual_seed(b.args.seed)
     model = transformer.build_model(train.model_hparams(train_args(), b.args.vocab_size))
@@ -605,7 +641,7 @@ def train_group(b, models, h, w, bs, mt):
 
 
 class TrainStep:
-    """One real optimizer step of train.py (train.train_step) on a fixed synthetic batch, callable."""
+    """One real optimizer step of train.py (train.Trainer.train_step) on a fixed synthetic batch, callable."""
 
     def __init__(self, b, model, run_model, variant, h, w, bs, mt):
         dtype, cl, compiled, cudnn_bm = variant
@@ -615,12 +651,11 @@ class TrainStep:
         self.amp_dtype, use_scaler = train.amp_settings(self.targs, b.device, print)
         self.optimizer = train.make_optimizer(self.targs, model)
         self.scaler = torch.amp.GradScaler(b.device.type, enabled=use_scaler)
-        self.teacher = None
+        self.teacher = train.make_teacher(model) if mt else None
         if mt:
-            self.teacher = copy.deepcopy(model)
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
             self.teacher.train()
+        self.run = train.Trainer(self.targs, run_model, self.teacher, self.optimizer, None, self.scaler,
+                                 self.amp_dtype, b.device)
         gen = torch.Generator().manual_seed(b.args.seed)
         self.micro = make_micro(bs, h, w, b.args.train_tokens, model.vocab_size, mt, gen)
         if b.device.type == 'cuda':
@@ -631,8 +666,8 @@ class TrainStep:
         if self.b.device.type == 'cuda':
             torch.backends.cudnn.benchmark = self.cudnn_bm
         t0 = time.perf_counter()
-        out = train.train_step(self.targs, self.run_model, self.teacher, self.micro, None, self.optimizer,
-                               self.scaler, self.amp_dtype, self.b.device, self.step, 1.0)
+        self.run.state['step'] = self.step
+        out = self.run.train_step(self.micro, None, weights={'ce': 1.0, 'consistency': 1.0})
         self.b.sync()
         if self.first is None:
             self.first = time.perf_counter() - t0
@@ -642,7 +677,7 @@ class TrainStep:
     def release(self):
         """Free the optimizer state and the teacher (the model itself is kept for the next shape)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer = self.teacher = self.micro = None
+        self.optimizer = self.teacher = self.micro = self.run = None
 
 
 def train_speedups(b, rows):
@@ -682,11 +717,6 @@ def bench_decode(b):
             b.guard(f'decode {dtype} batch {bs}', decode_group, b, model, cl_model, images, dtype)
 
 
-def autocast_ctx(device, dtype):
-    amp = AMP[dtype]
-    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-
-
 def decode_group(b, model, cl_model, images, dtype):
     """The encoder row(s), then per forced length: greedy with / without the KV cache and beam search."""
     a = b.args
@@ -695,7 +725,7 @@ def decode_group(b, model, cl_model, images, dtype):
 
     def encoder(m, x):
         def encode():
-            with torch.no_grad(), autocast_ctx(b.device, dtype):
+            with torch.no_grad(), amp_context(b.device, AMP[dtype]):
                 return m.encode(x)                                          # (B, S, d_model)
         return encode
     encoders = {'encode (encoder only)': encoder(model, images)}
@@ -729,13 +759,13 @@ def decode_fns(b, model, memory, tokens, beam, dtype):
     """{row name: callable returning the decoded id lists} for one memory (B, S, d_model) and length."""
     def greedy(use_cache):
         def fn():
-            with autocast_ctx(b.device, dtype):
+            with amp_context(b.device, AMP[dtype]):
                 ids, _ = model.greedy(memory=memory, max_len=tokens, use_cache=use_cache, ignore_eos=True)
             return ids
         return fn
 
     def beam_fn():
-        with autocast_ctx(b.device, dtype):
+        with amp_context(b.device, AMP[dtype]):
             ids, _ = model.beam_search(memory=memory, beam=beam, max_len=tokens, ignore_eos=True)
         return ids
     fns = {'greedy, KV cache': greedy(True), 'greedy, no cache': greedy(False)}
@@ -798,25 +828,7 @@ def bench_data(b):
 def bench_data_in(b, tmp):
     a = b.args
     dom, split, n = a.data_domain, a.data_split, a.data_n
-    if a.root_dir:
-        src = a.root_dir
-        print(f'data: {dom}/{split} of {src} (first {n} images; read through a temp view, never written)')
-    else:
-        import render
-        src = os.path.join(tmp, 'rendered')
-        sizes = {dom: tuple(n if s == split else 1 for s in data.SPLITS)}   # (train, val, test)
-        if dom != 'math':
-            sizes['math'] = (max(8, n // 2), 1, 1)
-        print(f'data: rendering {n} {dom} + {sizes["math"][0]} math images (mathtext) into a temp dir ...', flush=True)
-        t0 = time.perf_counter()
-        with quiet_output():
-            res = render.write_demo(src, seed=a.seed, quiet=True, domains=tuple(sizes), sizes=sizes)
-        dt = time.perf_counter() - t0
-        total = sum(d.get('rendered', 0) for d in res['domains'].values())
-        b.add('data', 'render (render.write_demo)', [total / dt], 'images/s',
-              {'images': f'{total} images', 'processes': len(os.sched_getaffinity(0))
-               if hasattr(os, 'sched_getaffinity') else os.cpu_count()}, dtype='-',
-              note='one run: rendering + Deng processing + proc.kmeans of math, all cores')
+    src = data_source(b, tmp)
     view = os.path.join(tmp, 'view')
     make_view(src, dom, split, n, view)
     problems = data.Problems(quiet=True)
@@ -826,11 +838,40 @@ def bench_data_in(b, tmp):
         raise RuntimeError(f'{dom}/{split}: no usable images in {src}')
     p = {'images': f'{dom}/{split} {count} images', 'sizes': len(set(ds.sizes))}
     print(f'data: {p["images"]}, {p["sizes"]} distinct sizes')
-    cache_dir = os.path.join(view, '.cache')
 
     def load(cache):
         return data.FormulaDataset(view, dom, split, cache=cache, problems=data.Problems(quiet=True))
+    split_load_rows(b, load, os.path.join(view, '.cache'), count, p)
+    loader_rows(b, load, count, p)
+    kmeans_rows(b, src, dom, n, tmp)
 
+
+def data_source(b, tmp):
+    """The data root the data rows read: --root_dir, or a small set rendered into tmp (timed: a row)."""
+    a = b.args
+    dom, split, n = a.data_domain, a.data_split, a.data_n
+    if a.root_dir:
+        print(f'data: {dom}/{split} of {a.root_dir} (first {n} images; read through a temp view, never written)')
+        return a.root_dir
+    import render
+    src = os.path.join(tmp, 'rendered')
+    sizes = {dom: tuple(n if s == split else 1 for s in data.SPLITS)}   # (train, val, test)
+    if dom != 'math':
+        sizes['math'] = (max(8, n // 2), 1, 1)
+    print(f'data: rendering {n} {dom} + {sizes["math"][0]} math images (mathtext) into a temp dir ...', flush=True)
+    t0 = time.perf_counter()
+    with quiet_output():
+        res = render.write_demo(src, seed=a.seed, quiet=True, domains=tuple(sizes), sizes=sizes)
+    dt = time.perf_counter() - t0
+    total = sum(d.get('rendered', 0) for d in res['domains'].values())
+    b.add('data', 'render (render.write_demo)', [total / dt], 'images/s',
+          {'images': f'{total} images', 'processes': n_workers()}, dtype='-',
+          note='one run: rendering + Deng processing + proc.kmeans of math, all cores')
+    return src
+
+
+def split_load_rows(b, load, cache_dir, count, p):
+    """Loading a split (FormulaDataset): without the cache, building it, and from it."""
     def first_load():
         shutil.rmtree(cache_dir, ignore_errors=True)
         return load(True)
@@ -849,10 +890,13 @@ def bench_data_in(b, tmp):
     b.speedup('data', 'speed-up: cached load vs cache build', rows['load split, cached'],
               rows['load split, cache build'], p)
 
-    # an epoch of every item through make_loader, from the files and from the cache
+
+def loader_rows(b, load, count, p):
+    """An epoch of every item through make_loader, from the files and from the cache, with 0 and N workers."""
+    a = b.args
     pre = data.read_token_list(data.PRE_VOCAB)
     cuda = b.device.type == 'cuda'
-    loader_rows = {}
+    first_rows = {}
     for source in ('files', 'cache', 'cache+augment'):   # cache+augment: --mean_teacher's two augmented views
         dset = load(source != 'files')
         dset.vocab = data.Vocab.build(pre, dset.tokens)
@@ -874,14 +918,16 @@ def bench_data_in(b, tmp):
         if cuda:
             b.speedup('data', f'speed-up: pin_memory ({source})', by_workers.get((a.loader_workers, True)),
                       by_workers.get((a.loader_workers, False)), dict(p, source=source, workers=a.loader_workers))
-        loader_rows[source] = by_workers.get((0, False))
-    b.speedup('data', 'speed-up: loader from cache vs files', loader_rows['cache'], loader_rows['files'],
+        first_rows[source] = by_workers.get((0, False))
+    b.speedup('data', 'speed-up: loader from cache vs files', first_rows['cache'], first_rows['files'],
               dict(p, workers=0))
-    if b.args.quick:
+    if a.quick:
         print(f'  (quick: {count} images = a few batches per epoch, so the worker rows mostly show the per-epoch '
               f'start-up of the workers\' prefetching)')
 
-    # proc.kmeans_for_img_size: cluster + resize + write (caching off), and a cached re-run
+
+def kmeans_rows(b, src, dom, n, tmp):
+    """proc.kmeans_for_img_size: cluster + resize + write (caching off), and a cached re-run."""
     import proc
     ksrc = os.path.join(tmp, 'kmeans_src')
     folder = kmeans_source(src, dom, n, ksrc)
@@ -893,14 +939,13 @@ def bench_data_in(b, tmp):
         with quiet_output():
             return proc.kmeans_for_img_size(ksrc, caching=caching, resize=True, out_root=kout,
                                             problems=data.Problems(quiet=True))
-    krows = {}
     for name, caching, note in (('proc.kmeans_for_img_size', False, 'cluster + resize + write every image'),
                                 ('proc.kmeans_for_img_size, re-run', True, 'cached: nothing changed')):
         def row(caching=caching, name=name, note=note):
             times, _, load_ = b.time_calls(lambda: kmeans(caching), warmup=1)
             return b.add('data', name, [kn / t for t in times], 'images/s', kp, dtype='-', other_load=load_,
                          note=note)
-        krows[name] = b.guard(name, row)
+        b.guard(name, row)
 
 
 def loader_row(b, dset, name, workers, pinned, params, count):
@@ -946,19 +991,229 @@ def meta_info(args, started, wall, waited):
     return info
 
 
-def write_json(path, b, started, t0, interrupted=False):
+def write_results(path, b, started, t0, interrupted=False):
     out = {'meta': meta_info(b.args, started, time.time() - t0, b.waited), 'rows': b.rows, 'errors': b.errors,
            'interrupted': interrupted}
+    write_json(path, out, indent=1)
 
-    def writer(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(out, f, indent=1)
-            f.write('\n')
-    data.atomic_write(path, writer)
+
+# -----------------------------------------------------------------------------
+# learning benchmark (--learn): a fixed rendered set, the recipe under test for a fixed budget, then the
+# val and test figures, the loss curve and the diagnostics that tell a model that reads from one that
+# only learned the language of the labels
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_budget(text):
+    """'600' -> {'steps': 600}; '10min' -> {'minutes': 10.0}; '90s' -> {'minutes': 1.5}."""
+    m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*(min|m|s|steps?)?\s*', str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f'--budget {text!r}: give optimizer steps (600) or minutes (10min, 90s)')
+    value, unit = float(m.group(1)), m.group(2) or 'steps'
+    if unit.startswith('step'):
+        return {'steps': int(value)}
+    return {'minutes': value / 60.0 if unit == 's' else value}
+
+
+def _run(cmd, what):
+    print('$ ' + ' '.join(shlex.quote(c) for c in cmd), flush=True)
+    t0 = time.time()
+    if subprocess.run(cmd, cwd=HERE).returncode != 0:
+        raise SystemExit(f'bench --learn: {what} failed (command above)')
+    return time.time() - t0
+
+
+def learn_render(args):
+    """Render the fixed set once (seed 0); later runs reuse it."""
+    if os.path.isfile(data.label_path(args.learn_root, args.learn_domain, 'test')):
+        return 0.0
+    return _run([sys.executable, 'render.py', '--root_dir', args.learn_root, '--n', str(args.learn_n),
+                 '--domains', args.learn_domain, '--seed', '0'], 'rendering the fixed set')
+
+
+def learn_train(args, run_dir):
+    """A fresh run of train.py with the recipe under test; -> wall seconds."""
+    if os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)          # the benchmark's own folder: every run starts from scratch
+    steps = args.budget.get('steps')
+    budget = (['--max_steps', str(steps)] if steps else ['--max_minutes', str(args.budget['minutes'])])
+    log_every = max(1, min(25, (steps or 1000) // 40))               # about 40 points on the curve
+    return _run([sys.executable, 'train.py', '--root_dir', args.learn_root, '--train_on', args.learn_domain,
+                 '--out_dir', args.learn_out, '--seed', str(args.seed), '--cache', '--log_every', str(log_every)]
+                + budget + shlex.split(args.train_args), 'training')
+
+
+def learn_eval(args, weights, split):
+    """test.py on a split with the final weights -> its metrics dict."""
+    _run([sys.executable, 'test.py', '--root_dir', args.learn_root, '--test_on', args.learn_domain,
+          '--out_dir', args.learn_out, '--weights', weights, '--split', split, '--cache'], f'test.py --split {split}')
+    path = os.path.join(args.learn_out, args.learn_domain, f'metrics_{args.learn_domain}_{split}.json')
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def read_history(path):
+    """train.py's history.jsonl -> (train rows, validation rows)."""
+    rows = []
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return [r for r in rows if 'loss' in r], [r for r in rows if 'val' in r]
+
+
+@torch.no_grad()
+def _forced_ce(model, images, tgt, memory=None):
+    """Teacher-forced cross entropy summed over the real tokens of a micro-batch."""
+    memory = model.encode(images) if memory is None else memory
+    return float(train.supervised_loss(model.decode(tgt[:, :-1], memory), tgt[:, 1:]))
+
+
+@torch.no_grad()
+def _read_probes(model, mask, out):
+    """Entropy and peak of the cross-attention weights the layers kept, over real tokens."""
+    for layer in model.decoder.layers:
+        w = layer.probe.pop()                                        # (B, h, T, S)
+        ent = -(w * w.clamp_min(1e-12).log()).sum(-1)                # (B, h, T)
+        m = mask[:, None, :].expand_as(ent)
+        out['entropy'] += float(ent[m].sum())
+        out['peak'] += float(w.amax(-1)[m].sum())
+        out['uniform'] += math.log(w.shape[-1]) * int(m.sum())
+        out['n_att'] += int(m.sum())
+
+
+def diagnose(model, loader, n_batches=DIAG_BATCHES):
+    """Does the decoder use the image? Teacher-forced CE per token with the true images, with the images
+    of the micro-batch rolled by one (another formula's image) and with blank images: the gaps are what
+    the image contributes. Cross-attention entropy over the memory positions (uniform = not looking) and
+    its mean peak weight. Gradient norms of the encoder's parts and the decoder on one training batch."""
+    model.eval()
+    out = dict(true=0.0, true_shuf=0.0, shuffled=0.0, blank=0.0, n_tok=0, n_shuf=0, entropy=0.0, peak=0.0,
+               uniform=0.0, n_att=0)
+    batches = [mb for i, micro in enumerate(loader) if i < n_batches for mb in micro]
+    for mb in batches:
+        images, tgt = mb['images'], mb['tgt']
+        mask = tgt[:, 1:] != data.PAD                                # (B, T)
+        memory = model.encode(images)
+        for layer in model.decoder.layers:
+            layer.probe = []
+        ce_true = _forced_ce(model, images, tgt, memory)
+        out['true'] += ce_true
+        _read_probes(model, mask, out)
+        for layer in model.decoder.layers:
+            layer.probe = None
+        out['blank'] += _forced_ce(model, torch.zeros_like(images), tgt)
+        out['n_tok'] += int(mask.sum())
+        if images.shape[0] > 1:                                      # another formula's image
+            out['shuffled'] += _forced_ce(model, images, tgt, memory.roll(1, dims=0))
+            out['true_shuf'] += ce_true
+            out['n_shuf'] += int(mask.sum())
+    diag = {'ce_true': out['true'] / max(1, out['n_tok']), 'ce_blank': out['blank'] / max(1, out['n_tok']),
+            'ce_true_same_batches': out['true_shuf'] / max(1, out['n_shuf']),
+            'ce_shuffled': out['shuffled'] / max(1, out['n_shuf']),
+            'attention_entropy': out['entropy'] / max(1, out['n_att']),
+            'attention_uniform_entropy': out['uniform'] / max(1, out['n_att']),
+            'attention_peak': out['peak'] / max(1, out['n_att']), 'tokens': out['n_tok']}
+    diag['grad_norms'] = part_grad_norms(model, batches[0])
+    return diag
+
+
+def part_grad_norms(model, mb):
+    """Gradient norm of the mean token CE of one micro-batch (train mode), per part of the model."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    tgt = mb['tgt']
+    loss = train.supervised_loss(model(mb['images'], tgt[:, :-1]), tgt[:, 1:]) / int((tgt[:, 1:] != data.PAD).sum())
+    loss.backward()
+    parts = {'backbone': model.encoder.backbone, 'nonlocal': model.encoder.nonlocal_blocks,
+             'projection': model.encoder.proj, 'decoder': model.decoder}
+    norms = {}
+    for name, module in parts.items():
+        grads = [p.grad.norm() ** 2 for p in module.parameters() if p.grad is not None]
+        norms[name] = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return norms
+
+
+def plot_learning(train_rows, val_rows, path, title):
+    """Loss per token (train) and val BLEU-4 / exact match against the step, as a PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([r['step'] for r in train_rows], [r['ce'] for r in train_rows], lw=1)
+    a.set(xlabel='step', ylabel='train CE (nats/token)', title='training loss')
+    a.grid(alpha=0.3)
+    steps = [r['step'] for r in val_rows]
+    b.plot(steps, [r['val']['bleu4'] for r in val_rows], 'o-', label='BLEU-4')
+    b.plot(steps, [100 * r['val']['exact_match'] for r in val_rows], 's-', label='exact match (%)')
+    b.set(xlabel='step', ylabel='val (%)', title='validation', ylim=(0, 100))
+    b.grid(alpha=0.3)
+    b.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path + '.tmp.png', dpi=100)
+    plt.close(fig)
+    os.replace(path + '.tmp.png', path)
+
+
+def learn_table(res):
+    d = res['diagnostics']
+    rows = [('recipe', res['train_args']), ('budget', json.dumps(res['budget'])),
+            ('steps / images', f'{res["steps"]} / {res["images"]}'),
+            ('train wall / images/s', f'{res["train_wall_s"]:.0f} s / {res["images_per_s"]:.1f}')]
+    for split in ('val', 'test'):
+        m = res[split]
+        rows.append((f'{split} BLEU-4 / exact / edit acc',
+                     f'{m["bleu4"]:.2f} / {m["exact_match"]:.4f} / {m["edit_accuracy"]:.4f}'))
+    rows += [('CE true / rolled / blank', f'{d["ce_true_same_batches"]:.3f} / {d["ce_shuffled"]:.3f} / {d["ce_blank"]:.3f}'
+              f' (all batches: true {d["ce_true"]:.3f})'),
+             ('attention entropy (uniform) / peak',
+              f'{d["attention_entropy"]:.2f} ({d["attention_uniform_entropy"]:.2f}) / {d["attention_peak"]:.3f}'),
+             ('grad norms', ' '.join(f'{k} {v:.3g}' for k, v in d['grad_norms'].items())),
+             ('curve (step: CE)', ' '.join(f'{r["step"]}: {r["ce"]:.2f}' for r in res['curve'][::max(1, len(res['curve']) // 8)]))]
+    width = max(len(k) for k, _ in rows)
+    return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
+
+
+def learn(args):
+    """bench.py --learn: render (once), train, evaluate val and test, diagnose, write JSON + PNG."""
+    t0 = time.time()
+    render_s = learn_render(args)
+    run_dir = os.path.join(args.learn_out, args.learn_domain)
+    train_wall = learn_train(args, run_dir)
+    weights = os.path.join(run_dir, 'last.pt')
+    train_rows, val_rows = read_history(os.path.join(run_dir, 'history.jsonl'))
+    res = {'meta': {'date': datetime.date.today().isoformat(), 'torch': torch.__version__, 'cpu': cpu_model(),
+                    'threads': torch.get_num_threads(), 'seed': args.seed},
+           'root': args.learn_root, 'domain': args.learn_domain, 'train_args': args.train_args, 'budget': args.budget,
+           'steps': train_rows[-1]['step'] if train_rows else 0,
+           'images': train_rows[-1].get('images', 0) if train_rows else 0,
+           'train_wall_s': train_wall, 'render_s': render_s,
+           'images_per_s': train_rows[-1].get('images_per_s', 0.0) if train_rows else 0.0,
+           'curve': [{k: r[k] for k in ('step', 'loss', 'ce', 'lr') if k in r} for r in train_rows],
+           'val_curve': [{'step': r['step'], **r['val']} for r in val_rows]}
+    res['val'] = learn_eval(args, weights, 'val')
+    res['test'] = learn_eval(args, weights, 'test')
+    model, vocab, _, _ = load_model(weights)
+    val_set = data.FormulaDataset(args.learn_root, args.learn_domain, 'val', vocab=vocab, cache=True)
+    loader, _ = data.make_loader(val_set, 64, shuffle=False)     # one size per batch: all of it, up to 64
+    res['diagnostics'] = diagnose(model, loader)
+    res['wall_s'] = time.time() - t0
+    write_json(os.path.join(args.learn_out, 'learn.json'), res)
+    plot_learning(train_rows, val_rows, os.path.join(args.learn_out, 'learn.png'),
+                  f'{args.learn_domain}, {args.train_args}, budget {args.budget}')
+    print('\n' + learn_table(res))
+    print(f'wrote {os.path.join(args.learn_out, "learn.json")} and learn.png')
+    return res
 
 
 def main(argv=None):
     args = get_args(argv)
+    if args.learn:
+        return learn(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
@@ -977,7 +1232,7 @@ def main(argv=None):
             fn = {'train': bench_train, 'decode': bench_decode, 'data': bench_data}[section]
             b.guard(section, fn, b)
             if args.json:
-                write_json(args.json, b, started, t0)
+                write_results(args.json, b, started, t0)
     except KeyboardInterrupt:
         interrupted = True
         print('\ninterrupted: the rows so far follow')
@@ -990,7 +1245,7 @@ def main(argv=None):
     if b.errors:
         print(f'{len(b.errors)} failed row(s):\n  ' + '\n  '.join(b.errors))
     if args.json:
-        write_json(args.json, b, started, t0, interrupted)
+        write_results(args.json, b, started, t0, interrupted)
         print(f'wrote {args.json}')
     return {'meta': meta_info(args, started, wall, b.waited), 'rows': b.rows, 'errors': b.errors,
             'interrupted': interrupted}

@@ -73,10 +73,6 @@ def atomic_write(path, writer):
         raise
 
 
-def atomic_torch_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
 class Problems:
     """Bad-input reporter: each problem is printed once as `path:line: message` (to stderr),
     counted by kind, and summed up at the end with `summary()`.
@@ -221,8 +217,9 @@ def _clean_text(latex):
 def tokenize(latex):
     """'\\frac{a}{b}' -> ['\\frac', '{', 'a', '}', '{', 'b', '}']; the space-tokenized form gives the same.
 
-    Rules (DESIGN.md): a command (`\\` + letters), a control symbol (`\\` + one non-letter, e.g. `\\{`,
-    `\\,`, `\\\\`), or one character (any script); white space separates tokens and is dropped.
+    Rules (docs/formats.md, "Tokens and vocab"): a command (`\\` + letters), a control symbol
+    (`\\` + one non-letter, e.g. `\\{`, `\\,`, `\\\\`), or one character (any script); white space
+    separates tokens and is dropped.
     A backslash before white space (space, tab, newline) or at the very end of the text is TeX's
     control space (TeX reads the end of a line as a space, and plain TeX/LaTeX define `\\<tab>` and
     `\\<return>` as `\\ `): it becomes the token `\\ `, which detokenize writes back as `\\ ` so it
@@ -689,7 +686,7 @@ class _ImageItems(torch.utils.data.Dataset):
 
 
 class FormulaDataset(_ImageItems):
-    """Labelled formula images of one domain and split of a data root (DESIGN.md layout).
+    """Labelled formula images of one domain and split of a data root (layout: docs/formats.md).
 
     Attributes: names (image file names), tokens (token lists), sizes ((H, W) per image), lines (line
     numbers in the label file), label_file, img_dir, vocab (set it before fetching items to get 'ids').
@@ -1215,7 +1212,8 @@ def make_loader(dataset, batch_size, split_batch=False, shuffle=True, seed=0, nu
 def main(argv=None):
     p = argparse.ArgumentParser(description='Check a data root: samples, image sizes, token counts and '
                                             'bad input per domain and split (optionally building the .cache).')
-    p.add_argument('--root_dir', default=DEFAULT_ROOT, help='data root in the DESIGN.md layout')
+    p.add_argument('--root_dir', default=DEFAULT_ROOT,
+                   help='data root (layout: README.md, "Data layout"; docs/formats.md)')
     p.add_argument('--domains', nargs='+', default=list(DOMAINS), help='domains to check')
     p.add_argument('--splits', nargs='+', default=list(SPLITS), help='splits to check')
     p.add_argument('--cache', action='store_true', help='build / verify <root>/.cache for each split')

@@ -8,7 +8,7 @@
    Coarse-to-Fine Attention", ICML 2017 (im2markup scripts/preprocessing/preprocess_images.py):
    crop to ink, pad 8 px, paste top-left into the smallest of 21 buckets, downsample x2.
 3. import_im2latex: convert the public im2latex-100k release (raw or processed variant) into the
-   layout of DESIGN.md: <root_dir>/images/ and <root_dir>/labels/{train,val,test}.txt.
+   data layout of README.md / docs/formats.md: <root_dir>/images/ and <root_dir>/labels/{train,val,test}.txt.
 
     python3 proc.py                                   # re-cluster math + chemistry of data/demo
     python3 proc.py --root_dir D                      # ... of another root
@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import DEFAULT_ROOT, IMAGE_EXTENSIONS, ImageError, Problems, atomic_write, load_gray
+from utils import ink_bounds, n_workers, save_png, write_json, write_text
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -64,19 +65,12 @@ PROCESSED_IMAGE_DIRS = ('formula_images_processed', 'images')
 # -----------------------------------------------------------------------------
 # small helpers
 
-def _n_workers(workers, n_tasks):
-    n = (os.cpu_count() or 1) if workers is None else int(workers)
-    if multiprocessing.current_process().daemon:  # a pool worker cannot start its own pool
-        n = 1
-    return max(1, min(n, n_tasks))
-
-
 def _pmap(fn, tasks, workers, desc):
     """Yield fn(task) for every task (in any order), over a process pool when workers > 1, with a
     tqdm bar. fn must be a top-level function and must not raise for bad input (return the error)."""
     if not tasks:
         return
-    n = _n_workers(workers, len(tasks))
+    n = n_workers(workers, len(tasks))
     if n <= 1 or len(tasks) < 4:
         for t in tqdm(tasks, desc=desc, unit='img', dynamic_ncols=True):
             yield fn(t)
@@ -87,11 +81,6 @@ def _pmap(fn, tasks, workers, desc):
             for r in pool.imap_unordered(fn, tasks, chunksize=chunk):
                 bar.update()
                 yield r
-
-
-def _save_png(u8, path):
-    """uint8 (H, W) -> grayscale PNG at path, atomically."""
-    atomic_write(path, lambda tmp: Image.fromarray(u8).save(tmp, format='PNG'))
 
 
 def _resize(u8, hw):
@@ -186,11 +175,7 @@ def _load_cache(path):
 def _write_cache(path, img_root, n_clusters, seed, entries):
     cache = {'version': CACHE_VERSION, 'method': RESIZE_METHOD, 'img_root': os.path.abspath(img_root),
              'n_clusters': n_clusters, 'seed': seed, 'images': entries}
-
-    def writer(tmp):
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(cache, f, separators=(',', ':'))
-    atomic_write(path, writer)
+    write_json(path, cache, indent=None)
 
 
 def _read_size_task(task):
@@ -211,10 +196,123 @@ def _resize_task(task):
     """Worker: (rel, src, dst, (H, W)) -> (rel, error or None)."""
     rel, src, dst, hw = task
     try:
-        _save_png(_resize(load_gray(src), hw), dst)
+        save_png(_resize(load_gray(src), hw), dst)
         return rel, None
     except ImageError as e:
         return rel, e.reason
+
+
+def _output_names(img_root, out_root, problems):
+    """{relative source path: relative output path (stem + '.png')} of the images under img_root; a
+    source whose output name another one already has is reported and left out."""
+    out_of, owner = {}, {}
+    for rel in list_images(img_root, exclude=[out_root]):
+        out_rel = os.path.splitext(rel)[0] + '.png'
+        if out_rel in owner:
+            problems.report(os.path.join(img_root, rel), None, 'name collision',
+                            f'same output name {out_rel} as {owner[out_rel]}: skipped (rename one of them)')
+            continue
+        owner[out_rel] = rel
+        out_of[rel] = out_rel
+    return out_of
+
+
+def _source_sizes(img_root, out_of, cached, workers, problems):
+    """{rel: cache entry} with the source size of every readable image: from the cache when its mtime
+    and byte size match, else decoded (in parallel). Missing and corrupt images are reported."""
+    entries, todo = {}, []
+    for rel, out_rel in out_of.items():
+        path = os.path.join(img_root, rel)
+        e = cached.get(rel)
+        e = e if isinstance(e, dict) and isinstance(e.get('src'), list) and len(e['src']) == 2 else None
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            problems.report(path, None, 'missing image', f'cannot stat ({err})')
+            continue
+        if e and e.get('mtime_ns') == st.st_mtime_ns and e.get('bytes') == st.st_size and e.get('out') == out_rel:
+            entries[rel] = {'src': list(e['src']), 'mtime_ns': st.st_mtime_ns, 'bytes': st.st_size,
+                            'out': out_rel, 'target': e.get('target')}
+        else:
+            todo.append((rel, path))
+    bad = []  # reported after the progress bar is closed, so messages and bar do not interleave
+    for rel, path, mtime_ns, nbytes, shape, err in _pmap(_read_size_task, todo, workers, 'reading sizes'):
+        if err:
+            bad.append((path, err))
+            continue
+        entries[rel] = {'src': list(shape), 'mtime_ns': mtime_ns, 'bytes': nbytes, 'out': out_of[rel],
+                        'target': None}  # None: no up-to-date output yet
+    for path, err in sorted(bad):
+        problems.report(path, None, 'corrupt image', f'{err}: skipped')
+    return entries
+
+
+def _cluster_entries(entries, n_clusters, seed):
+    """The clustering part of kmeans_for_img_size's result for the sizes in entries."""
+    names = sorted(entries)
+    result = {'sizes': {}, 'centres': [], 'counts': [], 'distinct': 0, 'aspect_mean': 0.0,
+              'aspect_max': 0.0, 'images': len(names)}
+    if names:
+        src = np.array([entries[n]['src'] for n in names], dtype=np.int64)  # (N, 2)
+        centres, labels = cluster_sizes(src, n_clusters, seed)
+        dst = centres[labels]  # (N, 2) target size of every image
+        change = _aspect_change(src, dst)
+        used = np.unique(dst, axis=0)
+        result.update(
+            sizes={n: (int(h), int(w)) for n, (h, w) in zip(names, dst)},
+            centres=[(int(h), int(w)) for h, w in used],
+            counts=[int(np.sum(np.all(dst == c, axis=1))) for c in used],
+            distinct=len(used), aspect_mean=float(change.mean()), aspect_max=float(change.max()))
+    return result
+
+
+def _remove_gone_outputs(out_root, old_images, entries):
+    """Remove the outputs written earlier (per the cache) for sources that are gone or now bad. -> count."""
+    current_outs = {e['out'] for e in entries.values()}
+    removed = 0
+    for rel, e in old_images.items():
+        out_rel = e.get('out') if isinstance(e, dict) else None
+        if rel not in entries and out_rel and out_rel not in current_outs:
+            p = os.path.join(out_root, out_rel)
+            if os.path.isfile(p):
+                os.remove(p)
+                removed += 1
+    return removed
+
+
+def _resize_outputs(img_root, out_root, entries, result, caching, workers, save_cache, problems):
+    """Write the resized copy of every image whose output is missing or out of date; the cache is
+    saved now and then (save_cache()), and also on Ctrl-C, so a re-run resumes. Updates entries and
+    result ('written', 'unchanged', 'removed', 'sizes')."""
+    tasks = []
+    for rel in sorted(entries):
+        e, target = entries[rel], list(result['sizes'][rel])
+        out_path = os.path.join(out_root, e['out'])
+        if caching and e['target'] == target and os.path.isfile(out_path):
+            result['unchanged'] += 1
+        else:
+            tasks.append((rel, os.path.join(img_root, rel), out_path, tuple(target)))
+    save_cache()  # sizes survive an interruption
+    last_flush, bad = time.time(), []
+    try:
+        for rel, err in _pmap(_resize_task, tasks, workers, f'resizing {os.path.basename(img_root)}'):
+            if err:
+                bad.append((os.path.join(img_root, rel), err))
+                stale = os.path.join(out_root, entries.pop(rel)['out'])
+                if os.path.isfile(stale):  # an output of an earlier version of this source
+                    os.remove(stale)
+                    result['removed'] += 1
+                result['sizes'].pop(rel, None)
+                continue
+            entries[rel]['target'] = list(result['sizes'][rel])
+            result['written'] += 1
+            if time.time() - last_flush > FLUSH_SECONDS:
+                save_cache()
+                last_flush = time.time()
+    finally:  # also on Ctrl-C: what was written is recorded
+        save_cache()
+    for path, err in sorted(bad):
+        problems.report(path, None, 'corrupt image', f'{err}: skipped')
 
 
 def kmeans_for_img_size(img_root, caching=True, resize=True, n_clusters=N_CLUSTERS, out_root=None,
@@ -249,104 +347,19 @@ def kmeans_for_img_size(img_root, caching=True, resize=True, n_clusters=N_CLUSTE
     cache_path = os.path.join(out_root, CACHE_NAME)
     old = _load_cache(cache_path)
     old_images = old.get('images', {})
-    usable = caching and old.get('method') == RESIZE_METHOD
-    cached = old_images if usable else {}
+    cached = old_images if caching and old.get('method') == RESIZE_METHOD else {}
 
-    # 1. list the images; output names (stem + '.png') must not collide
-    out_of, owner = {}, {}
-    for rel in list_images(img_root, exclude=[out_root]):
-        out_rel = os.path.splitext(rel)[0] + '.png'
-        if out_rel in owner:
-            problems.report(os.path.join(img_root, rel), None, 'name collision',
-                            f'same output name {out_rel} as {owner[out_rel]}: skipped (rename one of them)')
-            continue
-        owner[out_rel] = rel
-        out_of[rel] = out_rel
-
-    # 2. source sizes: from the cache when mtime and byte size match, else decode (in parallel)
-    entries, todo = {}, []
-    for rel, out_rel in out_of.items():
-        path = os.path.join(img_root, rel)
-        e = cached.get(rel)
-        e = e if isinstance(e, dict) and isinstance(e.get('src'), list) and len(e['src']) == 2 else None
-        try:
-            st = os.stat(path)
-        except OSError as err:
-            problems.report(path, None, 'missing image', f'cannot stat ({err})')
-            continue
-        if e and e.get('mtime_ns') == st.st_mtime_ns and e.get('bytes') == st.st_size and e.get('out') == out_rel:
-            entries[rel] = {'src': list(e['src']), 'mtime_ns': st.st_mtime_ns, 'bytes': st.st_size,
-                            'out': out_rel, 'target': e.get('target')}
-        else:
-            todo.append((rel, path))
-    bad = []  # reported after the progress bar is closed, so messages and bar do not interleave
-    for rel, path, mtime_ns, nbytes, shape, err in _pmap(_read_size_task, todo, workers, 'reading sizes'):
-        if err:
-            bad.append((path, err))
-            continue
-        entries[rel] = {'src': list(shape), 'mtime_ns': mtime_ns, 'bytes': nbytes, 'out': out_of[rel],
-                        'target': None}  # None: no up-to-date output yet
-    for path, err in sorted(bad):
-        problems.report(path, None, 'corrupt image', f'{err}: skipped')
-
-    # 3. cluster
-    names = sorted(entries)
-    result = {'sizes': {}, 'centres': [], 'counts': [], 'distinct': 0, 'aspect_mean': 0.0,
-              'aspect_max': 0.0, 'images': len(names), 'written': 0, 'unchanged': 0, 'removed': 0,
-              'skipped': 0, 'img_root': img_root, 'out_root': out_root, 'resize': bool(resize)}
-    if names:
-        src = np.array([entries[n]['src'] for n in names], dtype=np.int64)  # (N, 2)
-        centres, labels = cluster_sizes(src, n_clusters, seed)
-        dst = centres[labels]  # (N, 2) target size of every image
-        change = _aspect_change(src, dst)
-        used = np.unique(dst, axis=0)
-        result.update(
-            sizes={n: (int(h), int(w)) for n, (h, w) in zip(names, dst)},
-            centres=[(int(h), int(w)) for h, w in used],
-            counts=[int(np.sum(np.all(dst == c, axis=1))) for c in used],
-            distinct=len(used), aspect_mean=float(change.mean()), aspect_max=float(change.max()))
-
-    # 4. resize what is new or changed
+    out_of = _output_names(img_root, out_root, problems)
+    entries = _source_sizes(img_root, out_of, cached, workers, problems)
+    result = _cluster_entries(entries, n_clusters, seed)
+    result.update(written=0, unchanged=0, removed=0, skipped=0, img_root=img_root, out_root=out_root,
+                  resize=bool(resize))
     if resize:
         os.makedirs(out_root, exist_ok=True)
         _remove_stray_temps(out_root)
-        current_outs = {e['out'] for e in entries.values()}
-        for rel, e in old_images.items():  # outputs we wrote for sources that are gone or now bad
-            out_rel = e.get('out') if isinstance(e, dict) else None
-            if rel not in entries and out_rel and out_rel not in current_outs:
-                p = os.path.join(out_root, out_rel)
-                if os.path.isfile(p):
-                    os.remove(p)
-                    result['removed'] += 1
-        tasks = []
-        for rel in names:
-            e, target = entries[rel], list(result['sizes'][rel])
-            out_path = os.path.join(out_root, e['out'])
-            if caching and e['target'] == target and os.path.isfile(out_path):
-                result['unchanged'] += 1
-            else:
-                tasks.append((rel, os.path.join(img_root, rel), out_path, tuple(target)))
-        _write_cache(cache_path, img_root, n_clusters, seed, entries)  # sizes survive an interruption
-        last_flush, bad = time.time(), []
-        try:
-            for rel, err in _pmap(_resize_task, tasks, workers, f'resizing {os.path.basename(img_root)}'):
-                if err:
-                    bad.append((os.path.join(img_root, rel), err))
-                    stale = os.path.join(out_root, entries.pop(rel)['out'])
-                    if os.path.isfile(stale):  # an output of an earlier version of this source
-                        os.remove(stale)
-                        result['removed'] += 1
-                    result['sizes'].pop(rel, None)
-                    continue
-                entries[rel]['target'] = list(result['sizes'][rel])
-                result['written'] += 1
-                if time.time() - last_flush > FLUSH_SECONDS:
-                    _write_cache(cache_path, img_root, n_clusters, seed, entries)
-                    last_flush = time.time()
-        finally:  # also on Ctrl-C: what was written is recorded
-            _write_cache(cache_path, img_root, n_clusters, seed, entries)
-        for path, err in sorted(bad):
-            problems.report(path, None, 'corrupt image', f'{err}: skipped')
+        result['removed'] += _remove_gone_outputs(out_root, old_images, entries)
+        _resize_outputs(img_root, out_root, entries, result, caching, workers,
+                        lambda: _write_cache(cache_path, img_root, n_clusters, seed, entries), problems)
     result['skipped'] = len(problems) - skipped_before
     result['seconds'] = time.time() - t0
     return result
@@ -394,16 +407,11 @@ def deng_process(page, pad=DENG_PAD, buckets_wh=DENG_BUCKETS_WH, downsample=DENG
     page = np.asarray(page)
     if page.ndim != 2 or page.dtype != np.uint8:
         raise ValueError(f'deng_process needs a uint8 (H, W) page, got {page.dtype} {page.shape}')
-    ink = page < threshold
-    rows = np.flatnonzero(ink.any(axis=1))
-    if rows.size == 0:
+    box = ink_bounds(page, threshold, fringe=True)
+    if box is None:
         return None
-    cols = np.flatnonzero(ink.any(axis=0))
-    r0, r1 = max(rows[0] - 1, 0), min(rows[-1] + 1, page.shape[0] - 1)  # grow 1 px, then keep
-    c0, c1 = max(cols[0] - 1, 0), min(cols[-1] + 1, page.shape[1] - 1)  # only non-white pixels
-    win = page[r0:r1 + 1, c0:c1 + 1] < 255
-    rows, cols = np.flatnonzero(win.any(axis=1)), np.flatnonzero(win.any(axis=0))
-    crop = page[r0 + rows[0]:r0 + rows[-1] + 1, c0 + cols[0]:c0 + cols[-1] + 1]  # (h, w)
+    top, bottom, left, right = box
+    crop = page[top:bottom, left:right]  # (h, w)
     h, w = crop.shape
     bucket = _pick_bucket(h + 2 * pad, w + 2 * pad, buckets_wh)
     if bucket is None:  # Deng leaves such pages unbucketed; we shrink them into the largest bucket
@@ -506,7 +514,7 @@ def _import_task(task):
             out = deng_process(load_gray(src))
             if out is None:
                 return name, 'blank', 'blank page (no ink): skipped'
-            _save_png(out, dst)
+            save_png(out, dst)
         else:
             u8 = load_gray(src)  # validates the whole file
             if not (u8 < INK_THRESHOLD).any():
@@ -516,10 +524,68 @@ def _import_task(task):
             if plain:
                 atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
             else:  # e.g. the release's RGB PNGs: store grayscale like every image of the repo
-                _save_png(u8, dst)
+                save_png(u8, dst)
         return name, 'ok', ''
     except ImageError as e:
         return name, 'corrupt', f'{e.reason}: skipped'
+
+
+def _release_folders(src, root_dir, variant):
+    """-> (variant, folder of the release's images, our images folder), after checking that they exist
+    and that importing does not overwrite the release's own images."""
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f'{src}: no such folder')
+    variant = detect_variant(src) if variant == 'auto' else variant
+    if variant not in ('raw', 'processed'):
+        raise ValueError(f'variant must be auto, raw or processed, not {variant!r}')
+    candidates = RAW_IMAGE_DIRS if variant == 'raw' else PROCESSED_IMAGE_DIRS
+    image_dirs = [os.path.join(src, d) for d in candidates if os.path.isdir(os.path.join(src, d))]
+    if not image_dirs:
+        raise FileNotFoundError(f'{src}: no image folder ({" or ".join(candidates)}) for the {variant} variant')
+    img_dir, out_dir = image_dirs[0], os.path.join(root_dir, 'images')
+    if variant == 'raw' and os.path.realpath(img_dir) == os.path.realpath(out_dir):
+        raise ValueError(f'{img_dir} would be overwritten by the processed images: choose another --root_dir')
+    return variant, img_dir, out_dir
+
+
+def _plan_import(src, variant, img_dir, out_dir, problems):
+    """Read the formulas and the split lists -> (samples {our split: [(name, formula)]}, tasks of the
+    images still to import, count of images already imported). Bad lines, out-of-range indexes, empty
+    formulas, duplicate names and missing images are reported and left out."""
+    formulas_path = os.path.join(src, 'im2latex_formulas.norm.lst' if variant == 'processed'
+                                 else 'im2latex_formulas.lst')
+    formulas = read_formulas(formulas_path, problems)
+    samples, seen, tasks, existing = {}, {}, [], 0
+    for theirs, ours in SPLIT_FILES:
+        list_path = os.path.join(src, f'im2latex_{theirs}{"_filter" if variant == "processed" else ""}.lst')
+        if not os.path.isfile(list_path):
+            print(f'{list_path}: not found, no {ours} split', file=sys.stderr)
+            continue
+        samples[ours] = []
+        for lineno, name, idx in _read_list(list_path, variant, problems):
+            where = f'{list_path}:{lineno}'
+            if not 0 <= idx < len(formulas):
+                problems.report(list_path, lineno, 'formula index out of range',
+                                f'formula index {idx} not in 0..{len(formulas) - 1} of {formulas_path}: skipped')
+                continue
+            if not formulas[idx]:
+                problems.report(list_path, lineno, 'empty formula',
+                                f'formula {idx} ({formulas_path}:{idx + 1}) is empty: skipped')
+                continue
+            if name in seen:
+                problems.report(list_path, lineno, 'duplicate image', f'{name} already used at {seen[name]}: skipped')
+                continue
+            seen[name] = where
+            src_img, dst_img = os.path.join(img_dir, name), os.path.join(out_dir, name)
+            if os.path.isfile(dst_img):
+                existing += 1
+            elif not os.path.isfile(src_img):
+                problems.report(list_path, lineno, 'missing image', f'image {src_img} not found: skipped')
+                continue
+            else:
+                tasks.append((name, src_img, dst_img, variant))
+            samples[ours].append((name, formulas[idx]))
+    return samples, tasks, existing
 
 
 def import_im2latex(src, root_dir, workers=None, problems=None, variant='auto'):
@@ -538,53 +604,9 @@ def import_im2latex(src, root_dir, workers=None, problems=None, variant='auto'):
     t0 = time.time()
     problems = Problems() if problems is None else problems
     src, root_dir = os.fspath(src), os.fspath(root_dir)
-    if not os.path.isdir(src):
-        raise FileNotFoundError(f'{src}: no such folder')
-    variant = detect_variant(src) if variant == 'auto' else variant
-    if variant not in ('raw', 'processed'):
-        raise ValueError(f'variant must be auto, raw or processed, not {variant!r}')
-    candidates = RAW_IMAGE_DIRS if variant == 'raw' else PROCESSED_IMAGE_DIRS
-    image_dirs = [os.path.join(src, d) for d in candidates if os.path.isdir(os.path.join(src, d))]
-    if not image_dirs:
-        raise FileNotFoundError(f'{src}: no image folder ({" or ".join(candidates)}) for the {variant} variant')
-    img_dir, out_dir = image_dirs[0], os.path.join(root_dir, 'images')
-    if variant == 'raw' and os.path.realpath(img_dir) == os.path.realpath(out_dir):
-        raise ValueError(f'{img_dir} would be overwritten by the processed images: choose another --root_dir')
+    variant, img_dir, out_dir = _release_folders(src, root_dir, variant)
     skipped_before = len(problems)
-    formulas_path = os.path.join(src, 'im2latex_formulas.norm.lst' if variant == 'processed'
-                                 else 'im2latex_formulas.lst')
-    formulas = read_formulas(formulas_path, problems)
-
-    samples = {}  # our split -> [(name, formula)]
-    seen, tasks, existing = {}, [], 0
-    for theirs, ours in SPLIT_FILES:
-        list_path = os.path.join(src, f'im2latex_{theirs}{"_filter" if variant == "processed" else ""}.lst')
-        if not os.path.isfile(list_path):
-            print(f'{list_path}: not found, no {ours} split', file=sys.stderr)
-            continue
-        samples[ours] = []
-        for lineno, name, idx in _read_list(list_path, variant, problems):
-            if not 0 <= idx < len(formulas):
-                problems.report(list_path, lineno, 'formula index out of range',
-                                f'formula index {idx} not in 0..{len(formulas) - 1} of {formulas_path}: skipped')
-                continue
-            if not formulas[idx]:
-                problems.report(list_path, lineno, 'empty formula',
-                                f'formula {idx} ({formulas_path}:{idx + 1}) is empty: skipped')
-                continue
-            if name in seen:
-                problems.report(list_path, lineno, 'duplicate image', f'{name} already used at {seen[name]}: skipped')
-                continue
-            seen[name] = f'{list_path}:{lineno}'
-            src_img, dst_img = os.path.join(img_dir, name), os.path.join(out_dir, name)
-            if os.path.isfile(dst_img):
-                existing += 1
-            elif not os.path.isfile(src_img):
-                problems.report(list_path, lineno, 'missing image', f'image {src_img} not found: skipped')
-                continue
-            else:
-                tasks.append((name, src_img, dst_img, variant))
-            samples[ours].append((name, formulas[idx]))
+    samples, tasks, existing = _plan_import(src, variant, img_dir, out_dir, problems)
 
     os.makedirs(out_dir, exist_ok=True)
     _remove_stray_temps(out_dir)
@@ -601,11 +623,7 @@ def import_im2latex(src, root_dir, workers=None, problems=None, variant='auto'):
     for split, items in samples.items():
         lines = [f'{name}\t{formula}\n' for name, formula in items if name not in failed]
         counts[split] = len(lines)
-
-        def writer(tmp, lines=lines):
-            with open(tmp, 'w', encoding='utf-8', newline='\n') as f:
-                f.writelines(lines)
-        atomic_write(os.path.join(root_dir, 'labels', f'{split}.txt'), writer)
+        write_text(os.path.join(root_dir, 'labels', f'{split}.txt'), ''.join(lines))
     return {'variant': variant, 'image_dir': img_dir, 'splits': counts, 'written': written,
             'existing': existing, 'skipped': len(problems) - skipped_before, 'seconds': time.time() - t0}
 
@@ -627,7 +645,8 @@ def main(argv=None):
     p.add_argument('--no_cache', action='store_true',
                    help='ignore the cache (<out>/.kmeans.json): read every image and rewrite every output')
     p.add_argument('--no_resize', action='store_true', help='only cluster and report; write nothing')
-    p.add_argument('--workers', type=int, default=None, help='worker processes (default: all CPU cores)')
+    p.add_argument('--workers', type=int, default=None,
+                   help='worker processes (default: every CPU core this process may use)')
     p.add_argument('--seed', type=int, default=SEED, help='k-means random seed (default: %(default)s)')
     p.add_argument('--import_im2latex', metavar='SRC', default=None,
                    help='import the im2latex-100k release in SRC (raw or processed variant) into --root_dir')

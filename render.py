@@ -1,4 +1,4 @@
-"""LaTeX -> image rendering, the built-in demo data sets, and render-based image metrics.
+"""LaTeX -> image rendering, and the built-in demo data sets.
 
 1. render_latex: a formula -> uint8 (H, W) image, dark ink on white, cropped to the ink with a small
    margin. Default renderer: matplotlib's mathtext (no TeX installation needed). mathtext covers most
@@ -6,15 +6,12 @@
    (`mathtext_source`, table below), and what it cannot draw at all (environments such as
    \\begin{array}, line breaks, mhchem) raises RenderError naming the token. renderer='latex' uses a
    real TeX (latex + dvipng, or pdflatex + pdftoppm) when installed.
-2. write_demo: the demo data sets of DESIGN.md, rendered from three formula generators
-   (openai = im2latex-100k style, math = school math, chemistry = reaction equations):
-   openai images are processed like im2latex-100k (proc.deng_process: crop, pad 8, bucket, x2
-   downsample), math/chemistry images keep continuous sizes and are then clustered into 32 sizes by
-   proc.kmeans_for_img_size. Deterministic for a seed, whatever the number of workers.
-3. compare_images / image_metrics: the image evaluation of Deng et al., "Image-to-Markup Generation
-   with Coarse-to-Fine Attention", ICML 2017 (im2markup scripts/evaluation/evaluate_image.py): render
-   gold and prediction the same way, binarize, drop blank columns, compare the column sequences
-   (exact match and column edit distance).
+2. write_demo: the demo data sets, in the data layout of README.md / docs/formats.md, drawn from the
+   formula generators of formulas.py (openai = im2latex-100k style, math = school math, chemistry =
+   reaction equations): openai images are processed like im2latex-100k (proc.deng_process: crop,
+   pad 8, bucket, x2 downsample), math/chemistry images keep continuous sizes and are then clustered
+   into 32 sizes by proc.kmeans_for_img_size. Deterministic for a seed, whatever the number of workers.
+The image metrics that compare renders of gold and predicted formulas are in metrics.py.
 
     python3 render.py --root_dir data/demo                 # the default demo (about a minute on 2 cores)
     python3 render.py --root_dir data/big --n 20000        # 20000 training formulas per domain
@@ -52,7 +49,6 @@ import argparse
 import functools
 import logging
 import math
-import multiprocessing
 import os
 import random
 import re
@@ -64,10 +60,11 @@ import time
 from collections import Counter
 
 import numpy as np
-from PIL import Image, PngImagePlugin
-from tqdm import tqdm
+from PIL import Image
 
-from data import DEFAULT_ROOT, DOMAINS, SPLITS, atomic_write, detokenize, label_path, tokenize
+import formulas
+from data import DEFAULT_ROOT, DOMAINS, SPLITS, detokenize, label_path, tokenize
+from utils import crop_to_ink, imap_progress, n_workers, process_pool, save_png, write_text
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -84,7 +81,6 @@ RENDERERS = ('mathtext', 'latex')
 # CPU training run) within ~10 minutes. `--n` scales it for real runs.
 DEMO_SIZES = {'openai': (1500, 150, 150), 'math': (500, 50, 50), 'chemistry': (500, 50, 50)}
 EVAL_FRACTION = 0.1    # with --n N: val and test get round(0.1 * N) formulas each
-MAX_TOKENS = 150       # openai formulas longer than this are redrawn (Deng's filter)
 MAX_ATTEMPTS = 5       # a formula that does not render is replaced by the next candidate, at most this often
 MAX_CANDIDATES = 50    # val/test: candidates equal to a train formula are skipped, at most this many per sample
 # openai renders: page scale before Deng's x2 downsample (so ~2x the scale of DPI above)
@@ -95,7 +91,7 @@ OPENAI_DPI = (170, 230)          # uniform range (integers)
 ADAPT_FONTSIZE = (11.0, 15.0)
 ADAPT_DPI = (100, 160)
 ADAPT_MARGIN = (2, 16)           # random white margin per side, px
-BINARIZE = 128                   # Deng's evaluate_image.py: a pixel <= 128 is ink
+MIN_TASKS_PER_WORKER = 4         # write_demo starts a process pool only for at least this many images per worker
 
 
 class RenderError(Exception):
@@ -572,7 +568,15 @@ def _render_tex_run(latex, fontsize, dpi):
 # -----------------------------------------------------------------------------
 # public rendering API
 
-def _render_box(latex, fontsize=FONTSIZE, dpi=DPI, font='cm', renderer='mathtext'):
+def check_renderer(renderer):
+    """ValueError for an unknown renderer; RenderError (saying what to install) for 'latex' without TeX."""
+    if renderer not in RENDERERS:
+        raise ValueError(f'unknown renderer {renderer!r} (expected one of {", ".join(RENDERERS)})')
+    if renderer == 'latex' and latex_tools() is None:
+        raise RenderError(LATEX_INSTALL_HINT)
+
+
+def render_box(latex, fontsize=FONTSIZE, dpi=DPI, font='cm', renderer='mathtext'):
     """-> (uint8 (H, W) white background, not cropped; baseline row or None)."""
     if isinstance(latex, (list, tuple)):
         latex = detokenize(latex)
@@ -583,623 +587,16 @@ def _render_box(latex, fontsize=FONTSIZE, dpi=DPI, font='cm', renderer='mathtext
     raise ValueError(f'unknown renderer {renderer!r} (expected one of {", ".join(RENDERERS)})')
 
 
-def _crop(img, pad):
-    """Crop a white-background uint8 image to its ink (any non-white pixel), keeping `pad` px of white."""
-    ink = img < 255
-    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    if rows.size == 0:
-        raise RenderError('the formula renders to a blank image')
-    crop = img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    return np.pad(crop, pad, constant_values=255) if pad else crop.copy()
-
-
 def render_latex(latex, fontsize=FONTSIZE, dpi=DPI, font='cm', renderer='mathtext', pad=PAD):
     """Render LaTeX (raw or space-tokenized; a token list works too) to a uint8 (H, W) image, dark ink
     on white (255), cropped to the ink with `pad` px of white around it.
     font: a mathtext fontset (FONTS); ignored by renderer='latex' (Computer Modern).
     Raises RenderError when the renderer cannot draw the formula (the message says why)."""
-    img, _ = _render_box(latex, fontsize, dpi, font, renderer)
-    return _crop(img, pad)
-
-
-# -----------------------------------------------------------------------------
-# formula generators. Each takes a random.Random and returns a list of tokens (strings that
-# tokenize() splits back into themselves, or short raw LaTeX); labels are normalised afterwards.
-
-LOWER = list('abcdefghijklmnopqrstuvwxyz')
-UPPER = list('ABCDEFGHIJKLMNOPQRSTUVWXYZ')
-GREEK = (r'\alpha \beta \gamma \delta \epsilon \varepsilon \zeta \eta \theta \vartheta \iota \kappa \lambda '
-         r'\mu \nu \xi \pi \rho \varrho \sigma \tau \upsilon \phi \varphi \chi \psi \omega').split()
-GREEK_UPPER = r'\Gamma \Delta \Theta \Lambda \Xi \Pi \Sigma \Upsilon \Phi \Psi \Omega'.split()
-SYMBOLS = r'\infty \partial \nabla \hbar \ell \emptyset \aleph \Re \Im \wp'.split()
-BINOPS = (['+'] * 8 + ['-'] * 6 + r'\pm \mp \times \cdot \otimes \oplus \wedge \cup \cap \circ / \ast \star '
-          r'\vee \setminus \bullet \odot \ominus \cdot \times'.split())
-RELATIONS = (['='] * 12 + r'\neq < > \leq \geq \le \ge \approx \equiv \sim \simeq \propto \to \rightarrow '
-             r'\Rightarrow \Leftrightarrow \in \subset \subseteq \ll \gg \cong \mapsto \perp \parallel \longrightarrow '
-             r'\neq \leq \approx \equiv \notin \supset \prec \succ \vdash \asymp'.split())
-FUNCS = (r'\sin \cos \tan \cot \sec \csc \log \ln \exp \det \dim \ker \tanh \sinh \cosh \arctan \arcsin '
-         r'\arg \deg \Pr').split()
-ACCENTS = r'\hat \bar \vec \tilde \dot \ddot \check \breve \acute \grave \mathring'.split()
-WIDE_ACCENTS = r'\widehat \widetilde \overline \underline \overrightarrow \overleftarrow'.split()
-FONTS_NEW = [(r'\mathbf', LOWER + UPPER), (r'\mathcal', UPPER), (r'\mathrm', LOWER + UPPER),
-             (r'\mathbb', list('RCNZQHEPF')), (r'\mathit', LOWER + UPPER), (r'\mathsf', UPPER),
-             (r'\mathtt', LOWER), (r'\boldsymbol', None), (r'\mathfrak', list('gshuabAB'))]
-FONTS_OLD = [(r'\rm', LOWER + UPPER), (r'\bf', LOWER + UPPER), (r'\cal', UPPER), (r'\it', LOWER), (r'\sf', UPPER),
-             (r'\tt', LOWER)]
-SPACES = r'\, \; \quad \qquad \: \! ~'.split()
-DELIMS = [('(', ')'), ('(', ')'), ('(', ')'), ('[', ']'), (r'\{', r'\}'), ('|', '|'), (r'\langle', r'\rangle'),
-          (r'\|', r'\|'), (r'\lfloor', r'\rfloor'), (r'\lceil', r'\rceil'), ('(', ']'), ('.', '|')]
-WORDS = ['for', 'and', 'if', 'with', 'where', 'const', 'otherwise', 'Tr', 'tr', 'diag', 'sgn', 'rank', 'min',
-         'max', 'eff', 'int', 'ext', 'tot', 'Re', 'Im', 'd', 'e', 'i']
-
-
-def _choice_w(rng, pairs):
-    """Weighted choice from [(item, weight), ...]."""
-    r = rng.random() * sum(w for _, w in pairs)
-    for item, w in pairs:
-        r -= w
-        if r < 0:
-            return item
-    return pairs[-1][0]
-
-
-def _braced(x):
-    return ['{'] + list(x) + ['}']
-
-
-def _word(w):
-    return list(w)
-
-
-class OpenAIGenerator:
-    """im2latex-100k style formulas (Deng's normalised form: every argument and script braced):
-    sub/superscripts, nested fractions, roots, big operators with bounds, functions, \\left \\right
-    groups, accents, Greek, old and new font commands, physics idioms; lengths from a few tokens
-    to ~150."""
-
-    def __init__(self, rng):
-        self.rng = rng
-
-    def letter(self):
-        rng = self.rng
-        r = rng.random()
-        if r < 0.55:
-            return [rng.choice(LOWER)]
-        if r < 0.72:
-            return [rng.choice(UPPER)]
-        if r < 0.94:
-            return [rng.choice(GREEK)]
-        return [rng.choice(GREEK_UPPER)]
-
-    def number(self):
-        rng = self.rng
-        r = rng.random()
-        if r < 0.6:
-            return list(str(rng.choice([1, 2, 2, 2, 3, 4, 0, 1, 5, 6, 8, 10, 12, 16, 32, 100])))
-        if r < 0.85:
-            return list(str(rng.randint(0, 999)))
-        return list(str(rng.randint(0, 9))) + ['.'] + list(str(rng.randint(0, 99)))
-
-    def small(self):
-        """A short script / bound: i, n+1, 2, -1, \\mu\\nu, ..."""
-        rng = self.rng
-        r = rng.random()
-        if r < 0.35:
-            return [rng.choice(list('ijknmlpqrstxyzNTa'))]
-        if r < 0.55:
-            return [rng.choice(['0', '1', '2', '3', '4', 'n', 'N'])]
-        if r < 0.65:
-            return [rng.choice(GREEK[:20])] + ([rng.choice(GREEK[:20])] if rng.random() < 0.5 else [])
-        if r < 0.75:
-            return [rng.choice(list('nkijNm')), rng.choice(['+', '-']), rng.choice(['1', '2'])]
-        if r < 0.82:
-            return ['-', rng.choice(['1', '2', 'n', r'\alpha'])]
-        if r < 0.88:
-            return [rng.choice([r'\prime', r'\dagger', '*', r'\ast', 'T', r'\perp'])]
-        if r < 0.94:
-            return [rng.choice(list('ijkabc')), rng.choice(list('jklbcd'))]
-        return self.atom(depth=3)
-
-    def scripts(self, base, depth):
-        rng = self.rng
-        r = rng.random()
-        if r < 0.25:
-            return base + ['_'] + _braced(self.small())
-        if r < 0.5:
-            return base + ['^'] + _braced(self.small() if rng.random() < 0.7 else self.expr(depth + 2, 2))
-        if r < 0.62:
-            return base + ['_'] + _braced(self.small()) + ['^'] + _braced(self.small())
-        if r < 0.66:
-            return base + ['^'] + _braced(self.small()) + ['_'] + _braced(self.small())
-        if r < 0.7:
-            return base + ["'"] * rng.choice([1, 1, 2])
-        return base
-
-    def decorated(self):
-        rng = self.rng
-        r = rng.random()
-        if r < 0.1:
-            return [rng.choice(ACCENTS)] + _braced(self.letter())
-        if r < 0.13:
-            return [rng.choice(WIDE_ACCENTS)] + _braced(self.letter() + (self.letter() if rng.random() < 0.5 else []))
-        if r < 0.2:
-            cmd, pool = rng.choice(FONTS_NEW)
-            arg = [rng.choice(pool)] if pool else [rng.choice(GREEK + LOWER)]
-            return [cmd] + _braced(arg)
-        if r < 0.24:
-            cmd, pool = rng.choice(FONTS_OLD)
-            return _braced([cmd] + [rng.choice(pool) for _ in range(rng.choice([1, 1, 2]))])
-        if r < 0.28:
-            return [rng.choice(SYMBOLS)]
-        return self.letter()
-
-    def atom(self, depth):
-        return self.scripts(self.decorated(), depth) if self.rng.random() < 0.5 else self.decorated()
-
-    def term(self, depth):
-        rng = self.rng
-        if depth >= 3:
-            return self.atom(depth) if rng.random() < 0.8 else self.number()
-        kind = _choice_w(rng, [('atom', 26), ('product', 12), ('number', 7), ('frac', 10), ('sqrt', 4),
-                               ('bigop', 7), ('func', 6), ('left', 7), ('paren', 6), ('deriv', 3),
-                               ('list', 2), ('exp', 3), ('braket', 1.5), ('binom', 1), ('over', 1.5),
-                               ('physics', 4), ('word', 2)])
-        if kind == 'atom':
-            return self.atom(depth)
-        if kind == 'product':
-            return sum((self.atom(depth) for _ in range(rng.choice([2, 2, 3, 4]))), [])
-        if kind == 'number':
-            return self.number() + (self.atom(depth) if rng.random() < 0.4 else [])
-        if kind == 'frac':
-            if rng.random() < 0.25:
-                return [r'\frac'] + _braced(self.number()) + _braced(self.number() if rng.random() < 0.6
-                                                                      else self.atom(depth))
-            return ([rng.choice([r'\frac'] * 9 + [r'\dfrac', r'\tfrac'])] + _braced(self.expr(depth + 1))
-                    + _braced(self.expr(depth + 1)))
-        if kind == 'sqrt':
-            index = ['['] + rng.choice([['3'], ['n'], ['4'], ['p']]) + [']'] if rng.random() < 0.2 else []
-            return [r'\sqrt'] + index + _braced(self.expr(depth + 1, 3))
-        if kind == 'bigop':
-            return self.bigop(depth)
-        if kind == 'func':
-            f = [rng.choice(FUNCS)]
-            if rng.random() < 0.2:
-                f += ['^'] + _braced([rng.choice(['2', '-1', 'n'])] if rng.random() < 0.8 else ['-', '1'])
-            r = rng.random()
-            if r < 0.4:
-                return f + self.atom(depth + 1)
-            if r < 0.75:
-                return f + ['('] + self.expr(depth + 1, 3) + [')']
-            return f + [r'\left', '('] + self.expr(depth + 1) + [r'\right', ')']
-        if kind == 'left':
-            lo, rc = rng.choice(DELIMS)
-            body = self.expr(depth + 1)
-            if rng.random() < 0.3:
-                body = [r'\frac'] + _braced(self.expr(depth + 2, 2)) + _braced(self.expr(depth + 2, 2))
-            out = [r'\left', lo] + body + [r'\right', rc]
-            if rng.random() < 0.3:
-                out += [rng.choice(['^', '_'])] + _braced(self.small())
-            return out
-        if kind == 'paren':
-            lo, rc = rng.choice(DELIMS[:10])
-            out = [lo] + self.expr(depth + 1, 3) + [rc]
-            return out + (['^'] + _braced(self.small()) if rng.random() < 0.25 else [])
-        if kind == 'deriv':
-            v = rng.choice(list('xtyzrs') + [r'\mu', r'\tau'])
-            r = rng.random()
-            if r < 0.35:
-                return [r'\frac', '{', r'\partial', '}', '{', r'\partial', v, '}']
-            if r < 0.6:
-                f = self.letter()
-                return [r'\frac', '{', r'\partial'] + f + ['}', '{', r'\partial', v, '}']
-            if r < 0.8:
-                return [r'\frac', '{', 'd', '}', '{', 'd', v, '}']
-            return ([r'\frac', '{', 'd', '^', '{', '2', '}'] + self.letter()
-                    + ['}', '{', 'd', v, '^', '{', '2', '}', '}'])
-        if kind == 'list':
-            a = rng.choice(LOWER + GREEK[:6])
-            dots = rng.choice([r'\ldots', r'\cdots', r'\dots'])
-            sep = rng.choice([',', '+', r'\otimes', r'\times'])
-            return ([a, '_', '{', '1', '}', sep, dots, sep, a, '_', '{', rng.choice(['n', 'N', 'k', 'm']), '}'])
-        if kind == 'exp':
-            return ['e', '^'] + _braced(([] if rng.random() < 0.5 else ['-']) + self.expr(depth + 2, 2))
-        if kind == 'braket':
-            a, b = rng.choice([r'\psi', r'\phi', '0', 'n', r'\Omega', 'k']), rng.choice([r'\psi', r'\phi', 'm', '0'])
-            mid = [] if rng.random() < 0.5 else ['|'] + self.atom(depth + 1)
-            return [r'\langle', a] + mid + ['|', b, r'\rangle']
-        if kind == 'binom':
-            return [r'\binom'] + _braced(self.small()) + _braced(self.small())
-        if kind == 'over':
-            cmd = rng.choice([r'\overset', r'\underset', r'\stackrel'])
-            return [cmd] + _braced(self.small()) + _braced(self.atom(depth + 1))
-        if kind == 'physics':
-            return rng.choice([
-                lambda: [r'\partial', '_', '{', rng.choice([r'\mu', r'\nu', 'i', 'x']), '}'] + self.atom(depth + 1),
-                lambda: [r'\bar', '{', r'\psi', '}', r'\gamma', '^', '{', r'\mu', '}', r'\psi'],
-                lambda: ['g', '_', '{', r'\mu', r'\nu', '}'],
-                lambda: [r'\delta', '_', '{', rng.choice(['i', r'\mu', 'a']), rng.choice(['j', r'\nu', 'b']), '}'],
-                lambda: [r'\hbar', r'\omega'],
-                lambda: [rng.choice([r'{\cal O}', 'O', r'\mathcal{O}']), '('] + self.atom(depth + 1) + [')'],
-                lambda: [r'\mathrm', '{', 'T', 'r', '}'] + self.atom(depth + 1),
-                lambda: [r'\operatorname', '{', 'T', 'r', '}', '('] + self.expr(depth + 1, 2) + [')'],
-                lambda: [r'\int', 'd', '^', '{', rng.choice(['4', '3', 'D', 'd']), '}', 'x',
-                         r'\sqrt', '{', '-', 'g', '}'],
-                lambda: [r'\epsilon', '^', '{', r'\mu', r'\nu', r'\rho', r'\sigma', '}'],
-                lambda: [r'\Gamma', '_', '{', r'\mu', r'\nu', '}', '^', '{', r'\lambda', '}'],
-                lambda: [r'\mathrm', '{', 'd', '}'] + self.letter(),
-            ])()
-        # word
-        return [r'\mathrm'] + _braced(_word(rng.choice(WORDS)))
-
-    def bigop(self, depth):
-        rng = self.rng
-        r = rng.random()
-        i = rng.choice(list('ijknm'))
-        if r < 0.3:
-            op = [rng.choice([r'\sum'] * 5 + [r'\prod', r'\bigcup', r'\bigoplus', r'\coprod', r'\bigotimes'])]
-            top = rng.choice(['N', 'n', r'\infty'])
-            bounds = rng.choice([['_', '{', i, '=', rng.choice(['0', '1']), '}', '^', '{', top, '}'],
-                                 ['_', '{', i, '}'], ['_', '{', i, r'\in', rng.choice(UPPER), '}'], []])
-            return op + bounds + self.expr(depth + 1, 2)
-        if r < 0.6:
-            op = [rng.choice([r'\int'] * 5 + [r'\oint', r'\iint', r'\iiint'])]
-            lo, hi = rng.choice([('0', '1'), ('0', r'\infty'), ('a', 'b'), (r'-\infty', r'\infty'), ('0', 't'),
-                                 (None, None)])
-            bounds = [] if lo is None else ['_', '{'] + tokenize(lo) + ['}', '^', '{'] + tokenize(hi) + ['}']
-            var = rng.choice(list('xtsyzk') + [r'\tau'])
-            d = rng.choice([['d', var], [r'\,', 'd', var], [r'\mathrm', '{', 'd', '}', var],
-                            ['d', '^', '{', '3', '}', var]])
-            return op + bounds + self.expr(depth + 1, 2) + d
-        if r < 0.8:
-            v = rng.choice(list('xnNtk') + [r'\epsilon'])
-            to = rng.choice([['0'], [r'\infty'], ['0', '^', '{', '+', '}'], ['a']])
-            arrow = rng.choice([r'\to', r'\rightarrow'])
-            return [r'\lim', '_', '{', v, arrow] + to + ['}'] + self.expr(depth + 1, 2)
-        op = rng.choice([r'\sup', r'\inf', r'\max', r'\min', r'\limsup', r'\liminf'])
-        return [op, '_', '{'] + self.small() + ['}'] + self.expr(depth + 1, 2)
-
-    def expr(self, depth, max_terms=4):
-        rng = self.rng
-        n = rng.randint(1, max(1, min(max_terms, 4 - depth)))
-        out = ['-'] if rng.random() < 0.1 else []
-        for k in range(n):
-            if k:
-                out.append(rng.choice(BINOPS) if rng.random() < 0.8 else rng.choice(SPACES[:2]))
-            out += self.term(depth)
-        return out
-
-    def __call__(self):
-        """A formula of about `target` tokens (im2latex-100k: mean ~60, at most 150 after Deng's filter)."""
-        rng = self.rng
-        r = rng.random()
-        target = rng.randint(3, 20) if r < 0.35 else rng.randint(20, 60) if r < 0.85 else rng.randint(60, 130)
-        for _ in range(20):  # redraw what comes out longer than MAX_TOKENS (tokenized)
-            out = self.formula(target)
-            if len(tokenize(' '.join(out))) <= MAX_TOKENS:
-                return out
-        return ['x']
-
-    def formula(self, target):
-        rng = self.rng
-        out = self.expr(0, 3)
-        while len(out) < target:
-            c = rng.random()
-            if c < 0.45:
-                out.append(rng.choice(RELATIONS))
-            elif c < 0.8:
-                out.append(rng.choice(BINOPS))
-            elif c < 0.92:
-                out += rng.choice([[','], [',', r'\quad'], [r'\qquad'], [r';'], [',', r'\;']])
-            else:
-                word = _word(rng.choice(['for', 'and', 'with', 'if', 'where']))
-                out += [r'\quad', r'\mathrm'] + _braced(word) + [r'\quad']
-            out += self.expr(0, 3)
-        if rng.random() < 0.15:
-            out.append(rng.choice([',', '.', ';']))
-        return out
-
-
-class MathGenerator:
-    """School-style math: equations, fractions, roots, powers, inequalities, angles, functions,
-    percentages, logarithms, simple systems written on one line."""
-
-    def __init__(self, rng):
-        self.rng = rng
-
-    def n(self, lo=1, hi=12):
-        return str(self.rng.randint(lo, hi))
-
-    def var(self):
-        return self.rng.choice(['x', 'x', 'x', 'y', 'a', 'b', 'm', 'n', 't'])
-
-    def lin(self, v=None):
-        """a x + b (random signs)."""
-        rng = self.rng
-        v = v or self.var()
-        a = rng.choice(['', self.n(2, 9)])
-        out = f'{a}{v}'
-        if rng.random() < 0.8:
-            out += f' {rng.choice("+-")} {self.n(1, 20)}'
-        return out
-
-    def frac(self, a=None, b=None):
-        return fr'\frac{{{a or self.n()}}}{{{b or self.n(2, 12)}}}'
-
-    def __call__(self):
-        rng = self.rng
-        v = self.var()
-        t = rng.choice(['linear', 'linear', 'quadratic', 'formula', 'fracs', 'fracs', 'roots', 'powers',
-                        'powers', 'ineq', 'ineq', 'angles', 'angles', 'function', 'percent', 'log', 'system',
-                        'arith', 'arith', 'abs', 'mixed', 'geometry', 'ratio', 'sci'])
-        n = self.n
-        if t == 'linear':
-            return f'{self.lin(v)} = {self.lin(v) if rng.random() < 0.6 else n(1, 30)}'
-        if t == 'quadratic':
-            s = rng.choice(['', '2', '3'])
-            return f'{s}{v}^{{2}} {rng.choice("+-")} {n(1, 9)}{v} {rng.choice("+-")} {n(1, 20)} = 0'
-        if t == 'formula':
-            return rng.choice([r'x = \frac{-b \pm \sqrt{b^{2} - 4ac}}{2a}', r'a^{2} + b^{2} = c^{2}',
-                               r'S = \pi r^{2}', r'V = \frac{4}{3} \pi r^{3}', r'\Delta = b^{2} - 4ac',
-                               r'(a + b)^{2} = a^{2} + 2ab + b^{2}', r'a^{2} - b^{2} = (a - b)(a + b)',
-                               r'S = \frac{1}{2} a h', r'C = 2 \pi r', r'y = kx + b', r'v = \frac{s}{t}',
-                               r'x_{1} + x_{2} = -\frac{b}{a}', r'x_{1} x_{2} = \frac{c}{a}',
-                               r'S_{n} = \frac{n(a_{1} + a_{n})}{2}', r'a_{n} = a_{1} + (n - 1)d',
-                               r'\sin^{2} \alpha + \cos^{2} \alpha = 1',
-                               r'\tan \alpha = \frac{\sin \alpha}{\cos \alpha}'])
-        if t == 'fracs':
-            op = rng.choice(['+', '-', r'\times', r'\div'])
-            out = f'{self.frac()} {op} {self.frac()}'
-            return out + (f' = {self.frac()}' if rng.random() < 0.6 else '')
-        if t == 'roots':
-            r = rng.random()
-            if r < 0.4:
-                return fr'\sqrt{{{n(2, 200)}}} = {n(1, 9)}\sqrt{{{n(2, 7)}}}'
-            if r < 0.7:
-                return fr'\sqrt[{rng.choice([3, 3, 4, 5])}]{{{n(2, 125)}}} = {n(1, 9)}'
-            return fr'\sqrt{{{v}^{{2}} + {n()}}} = {n()}'
-        if t == 'powers':
-            a, p, q = n(2, 9), n(2, 9), n(2, 9)
-            return rng.choice([f'{a}^{{{p}}} \\times {a}^{{{q}}} = {a}^{{{int(p) + int(q)}}}',
-                               f'({v}^{{{p}}})^{{{q}}} = {v}^{{{int(p) * int(q)}}}',
-                               f'{a}^{{-{p}}} = \\frac{{1}}{{{a}^{{{p}}}}}',
-                               f'({v}{self.var()}^{{2}})^{{{p}}}', f'{v}^{{\\frac{{{p}}}{{{q}}}}}',
-                               f'{a}^{{0}} = 1', f'(-{a})^{{{p}}}'])
-        if t == 'ineq':
-            rel = rng.choice(['<', '>', r'\leq', r'\geq', r'\le', r'\ge', r'\neq'])
-            if rng.random() < 0.3:
-                r1, r2 = rng.choice(['<', r'\leq']), rng.choice(['<', r'\leq'])
-                return f'-{n(1, 9)} {r1} {self.lin(v)} {r2} {n(1, 20)}'
-            return f'{self.lin(v)} {rel} {self.lin(v) if rng.random() < 0.4 else n(0, 20)}'
-        if t == 'angles':
-            a = rng.choice([30, 45, 60, 90, 120, 135, 150, 180, rng.randint(1, 179)])
-            P = rng.sample(UPPER[:16], 3)
-            val = rng.choice([r'\frac{1}{2}', r'\frac{\sqrt{3}}{2}', r'\frac{\sqrt{2}}{2}', '1', '0'])
-            x, y = rng.choice([r'\alpha', r'\theta', v]), rng.choice([r'\alpha', r'\beta', '1', '2'])
-            return rng.choice([fr'\angle {P[0]}{P[1]}{P[2]} = {a}^{{\circ}}',
-                               fr'\sin {a}^{{\circ}} = {val}',
-                               fr'\angle {P[0]} + \angle {P[1]} + \angle {P[2]} = 180^{{\circ}}',
-                               fr'\cos {x} = \frac{{{n()}}}{{{n()}}}',
-                               fr'\angle {y} = {a}^{{\circ}}',
-                               fr'\tan {a}^{{\circ}} \approx {rng.randint(0, 9)}.{rng.randint(0, 99)}'])
-        if t == 'function':
-            f = rng.choice(['f', 'g', 'h', 'y'])
-            lhs = f'{f}({v})' if f != 'y' else 'y'
-            return rng.choice([f'{lhs} = {n(1, 5)}{v}^{{2}} {rng.choice("+-")} {n()}{v} {rng.choice("+-")} {n()}',
-                               f'{lhs} = \\frac{{{n()}}}{{{v} {rng.choice("+-")} {n()}}}',
-                               f'{lhs} = \\sqrt{{{v} - {n()}}}', f'{lhs} = {n(2, 5)}^{{{v}}}',
-                               f'{lhs} = \\log_{{{n(2, 10)}}} {v}', f'{lhs} = {self.lin(v)}',
-                               f'{lhs} = |{self.lin(v)}|'])
-        if t == 'percent':
-            return f'{n(1, 99)}\\% \\times {n(10, 500)} = {n(1, 200)}'
-        if t == 'log':
-            b = n(2, 10)
-            w = self.var()
-            return rng.choice([f'\\log_{{{b}}} {n(2, 100)} = {n(1, 6)}',
-                               f'\\lg {n(10, 1000)} \\approx {n(1, 3)}.{n(0, 99)}',
-                               f'\\ln e^{{{n(1, 9)}}} = {n(1, 9)}',
-                               f'\\log_{{{b}}} {v} + \\log_{{{b}}} {w} = \\log_{{{b}}} {v}{w}'])
-        if t == 'system':
-            v2 = 'y' if v != 'y' else 'x'
-            sp = rng.choice([r'\quad', r'\qquad', ''])
-            return (f'{n(1, 5)}{v} {rng.choice("+-")} {n(1, 5)}{v2} = {n(1, 20)}, '
-                    f'{sp} {n(1, 5)}{v} {rng.choice("+-")} {v2} = {n(1, 20)}')
-        if t == 'arith':
-            ops = [rng.choice(['+', '-', r'\times', r'\div', r'\cdot']) for _ in range(rng.randint(1, 3))]
-            out = n(1, 99)
-            for op in ops:
-                nxt = n(1, 30) if rng.random() < 0.8 else f'({n(1, 9)} {rng.choice("+-")} {n(1, 9)})'
-                out += f' {op} {nxt}'
-            return out + (f' = {n(0, 200)}' if rng.random() < 0.7 else '')
-        if t == 'abs':
-            rel = rng.choice(['=', '<', '>', r'\leq', r'\geq'])
-            return f'|{self.lin(v)}| {rel} {n(0, 12)}'
-        if t == 'mixed':
-            op = rng.choice(['+', '-', r'\times'])
-            return f'{n(1, 9)}\\frac{{{n(1, 5)}}}{{{n(6, 9)}}} {op} {n(1, 9)}\\frac{{{n(1, 5)}}}{{{n(6, 9)}}}'
-        if t == 'geometry':
-            P = rng.sample(UPPER[:16], 4)
-            return rng.choice([fr'{P[0]}{P[1]} \parallel {P[2]}{P[3]}', fr'{P[0]}{P[1]} \perp {P[2]}{P[3]}',
-                               fr'\triangle {P[0]}{P[1]}{P[2]} \cong \triangle {P[3]}{P[1]}{P[2]}',
-                               fr'\triangle {P[0]}{P[1]}{P[2]} \sim \triangle {P[3]}{P[1]}{P[2]}',
-                               fr'{P[0]}{P[1]} = {n(2, 20)} \mathrm{{cm}}', fr'\overline{{{P[0]}{P[1]}}}',
-                               fr'\overrightarrow{{{P[0]}{P[1]}}} + \overrightarrow{{{P[1]}{P[2]}}} = '
-                               fr'\overrightarrow{{{P[0]}{P[2]}}}'])
-        if t == 'ratio':
-            return f'{n()} : {n()} = {v} : {n()}'
-        # sci
-        return f'{n(1, 9)}.{n(0, 99)} \\times 10^{{{rng.choice(["", "-"])}{n(1, 12)}}}'
-
-
-ELEMENTS = ('H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Fe Cu Zn Ag Ba Mn Cr Pb Hg Br I Au Sn Co Ni Pt '
-            'Ti Sr Li Cs').split()
-COMPOUNDS = ('H2O H2 O2 N2 Cl2 CO2 CO SO2 SO3 NO NO2 NH3 CH4 C2H6 C2H4 C2H2 C2H5OH CH3COOH C6H12O6 HCl H2SO4 '
-             'HNO3 H3PO4 H2CO3 NaOH KOH Ca(OH)2 Ba(OH)2 Fe(OH)3 Cu(OH)2 Al(OH)3 Mg(OH)2 NaCl KCl CaCl2 MgCl2 '
-             'FeCl3 FeCl2 CuCl2 AgCl BaCl2 Na2CO3 NaHCO3 CaCO3 K2CO3 Na2SO4 CuSO4 BaSO4 FeSO4 ZnSO4 KNO3 AgNO3 '
-             'Cu(NO3)2 NH4Cl (NH4)2SO4 KMnO4 K2MnO4 MnO2 KClO3 H2O2 Fe2O3 Fe3O4 CuO Cu2O Al2O3 MgO CaO ZnO Na2O '
-             'Na2O2 SiO2 P2O5 H2S FeS NaNO3 Ca(HCO3)2 CH3OH HCOOH C3H8 C6H6 NaAlO2 Na2SiO3 K2Cr2O7 Fe Cu Zn Mg Al '
-             'Na K Ca Ag C S P Si N2O4 HClO NaClO').split()
-IONS = [('H', '+'), ('OH', '-'), ('Na', '+'), ('K', '+'), ('Cl', '-'), ('Ca', '2+'), ('Mg', '2+'), ('Ba', '2+'),
-        ('Cu', '2+'), ('Fe', '3+'), ('Fe', '2+'), ('Al', '3+'), ('Zn', '2+'), ('Ag', '+'), ('NH4', '+'),
-        ('SO4', '2-'), ('CO3', '2-'), ('NO3', '-'), ('PO4', '3-'), ('HCO3', '-'), ('S', '2-'), ('MnO4', '-'),
-        ('Cr2O7', '2-'), ('O', '2-'), ('Br', '-'), ('I', '-'), ('SO3', '2-'), ('ClO', '-')]
-REACTIONS = [  # (reactants, products, typical condition)
-    ('2H2 + O2', '2H2O', 'ignite'), ('CaCO3', 'CaO + CO2', 'heat'), ('2KClO3', '2KCl + 3O2', 'MnO2'),
-    ('2H2O2', '2H2O + O2', 'MnO2'), ('2KMnO4', 'K2MnO4 + MnO2 + O2', 'heat'), ('N2 + 3H2', '2NH3', 'eq'),
-    ('CaCO3 + 2HCl', 'CaCl2 + H2O + CO2', 'up'), ('Zn + H2SO4', 'ZnSO4 + H2', 'up'), ('Fe + CuSO4', 'FeSO4 + Cu', ''),
-    ('NaOH + HCl', 'NaCl + H2O', ''), ('CuSO4 + 2NaOH', 'Cu(OH)2 + Na2SO4', 'down'),
-    ('BaCl2 + Na2SO4', 'BaSO4 + 2NaCl', 'down'), ('AgNO3 + NaCl', 'AgCl + NaNO3', 'down'),
-    ('CH4 + 2O2', 'CO2 + 2H2O', 'ignite'), ('C2H5OH + 3O2', '2CO2 + 3H2O', 'ignite'),
-    ('Fe2O3 + 3CO', '2Fe + 3CO2', 'heat'), ('2SO2 + O2', '2SO3', 'eq'), ('CO2 + Ca(OH)2', 'CaCO3 + H2O', 'down'),
-    ('2Na + 2H2O', '2NaOH + H2', 'up'), ('MnO2 + 4HCl', 'MnCl2 + Cl2 + 2H2O', 'heat'),
-    ('2Al + 6HCl', '2AlCl3 + 3H2', 'up'),
-    ('3Fe + 2O2', 'Fe3O4', 'ignite'), ('C + O2', 'CO2', 'ignite'), ('2Mg + O2', '2MgO', 'ignite'),
-    ('Cl2 + H2O', 'HCl + HClO', 'eq'), ('NH4Cl + NaOH', 'NaCl + NH3 + H2O', 'heat'),
-    ('2NaHCO3', 'Na2CO3 + H2O + CO2', 'heat'),
-    ('Cu + 2AgNO3', 'Cu(NO3)2 + 2Ag', ''), ('CuO + H2', 'Cu + H2O', 'heat'), ('2NO + O2', '2NO2', ''),
-    ('2NO2', 'N2O4', 'eq'), ('CH3COOH + C2H5OH', 'CH3COOC2H5 + H2O', 'eq'),
-    ('Na2CO3 + 2HCl', '2NaCl + H2O + CO2', 'up'),
-    ('Fe + 2HCl', 'FeCl2 + H2', 'up'), ('4Al + 3O2', '2Al2O3', ''), ('2H2O', '2H2 + O2', 'electrolysis'),
-    ('C6H12O6 + 6O2', '6CO2 + 6H2O', 'enzyme'), ('SiO2 + 2C', 'Si + 2CO', 'high T'), ('2Fe + 3Cl2', '2FeCl3', 'ignite'),
-    ('Ca(OH)2 + Na2CO3', 'CaCO3 + 2NaOH', 'down'), ('H2 + Cl2', '2HCl', 'ignite'), ('4NH3 + 5O2', '4NO + 6H2O', 'Pt'),
-]
-STATES = ['(g)', '(aq)', '(s)', '(l)']
-CONDITIONS = {'heat': [r'\Delta'], 'MnO2': ['MnO2', r'\Delta'], 'ignite': [r'\Delta', 'ignite'],
-              'Pt': ['Pt', r'\Delta', 'cat'], 'electrolysis': ['elec'], 'enzyme': ['enzyme', 'cat'],
-              'high T': ['highT', r'\Delta']}
-CONDITION_TEX = {'MnO2': r'\mathrm{MnO}_{2}', 'Pt': r'\mathrm{Pt}', 'ignite': r'\mathrm{ignite}',
-                 'cat': r'\mathrm{cat.}', 'elec': r'\mathrm{electrolysis}', 'enzyme': r'\mathrm{enzyme}',
-                 'highT': r'\mathrm{high}\ T', r'\Delta': r'\Delta'}
-_CHEM_TOKEN = re.compile(r'[A-Z][a-z]?|\d+|[()]|\S')
-
-
-class ChemistryGenerator:
-    """Chemistry: reaction equations (coefficients, subscript counts, states, arrows with conditions,
-    gas/precipitate arrows, equilibria), ionic equations with charges, hydrates, isotopes, electron
-    configurations, thermochemistry and equilibrium constants. Element letters are upright
-    (\\mathrm{...}) or italic, chosen per formula, as printed and handwritten chemistry differ."""
-
-    def __init__(self, rng):
-        self.rng = rng
-        self.upright = rng.random() < 0.6
-
-    def compound(self, s):
-        """'Ca(OH)2' -> Ca(OH)_{2} with element runs in \\mathrm{} when upright; a leading coefficient stays."""
-        m = re.match(r'(\d*)(.*)', s)
-        coef, body = m.group(1), m.group(2)
-        out, run = [coef] if coef else [], ''
-        for piece in _CHEM_TOKEN.findall(body):
-            if piece.isdigit():
-                out.append(self._run(run) + f'_{{{piece}}}')
-                run = ''
-            elif piece in '()':
-                out.append(self._run(run) + piece)
-                run = ''
-            else:
-                run += piece
-        out.append(self._run(run))
-        return ''.join(out)
-
-    def _run(self, run):
-        if not run:
-            return ''
-        return fr'\mathrm{{{run}}}' if self.upright else run
-
-    def ion(self, name, charge):
-        return f'{self.compound(name)}^{{{charge}}}'
-
-    def state(self):
-        s = self.rng.choice(STATES)
-        return fr'\mathrm{{{s}}}' if self.upright else s
-
-    def side(self, species, states):
-        parts = []
-        for sp in species.split(' + '):
-            t = self.compound(sp)
-            if states:
-                t += self.state()
-            parts.append(t)
-        return ' + '.join(parts)
-
-    def arrow(self, cond):
-        rng = self.rng
-        if cond == 'eq':
-            return rng.choice([r'\rightleftharpoons', r'\rightleftarrows', r'\leftrightarrow', r'\rightleftharpoons'])
-        opts = CONDITIONS.get(cond)
-        if opts and rng.random() < 0.8:
-            c = CONDITION_TEX[rng.choice(opts)]
-            return rng.choice([fr'\xrightarrow{{{c}}}', fr'\overset{{{c}}}{{\longrightarrow}}',
-                               fr'\xrightarrow{{{c}}}', fr'\overset{{{c}}}{{=}}',
-                               fr'\stackrel{{{c}}}{{\longrightarrow}}'])
-        return rng.choice(['=', r'\rightarrow', r'\longrightarrow', '=', r'\rightarrow'])
-
-    def reaction(self):
-        rng = self.rng
-        if rng.random() < 0.7:
-            lhs, rhs, cond = rng.choice(REACTIONS)
-        else:  # random (not necessarily balanced) reactions from the compound list
-            def side():
-                k = rng.choice([1, 2, 2, 3])
-                return ' + '.join((rng.choice(['', '', '2', '3', '4']) + rng.choice(COMPOUNDS)) for _ in range(k))
-            lhs, rhs, cond = side(), side(), rng.choice(['', '', 'heat', 'eq', 'up', 'down', 'MnO2', 'Pt'])
-        states = rng.random() < 0.25
-        left, right = self.side(lhs, states), self.side(rhs, states)
-        if cond in ('up', 'down') and not states:
-            right += ' ' + (r'\uparrow' if cond == 'up' else r'\downarrow')
-        return f'{left} {self.arrow(cond)} {right}'
-
-    def __call__(self):
-        rng = self.rng
-        t = rng.random()
-        if t < 0.55:
-            return self.reaction()
-        if t < 0.72:  # ionic equation
-            a, b = rng.sample(IONS, 2)
-            out = f'{rng.choice(["", "", "2", "3"])}{self.ion(*a)} + {rng.choice(["", "", "2"])}{self.ion(*b)}'
-            prod = rng.choice(COMPOUNDS)
-            mark = rng.choice(['', r' \downarrow', r' \uparrow', ''])
-            arrow = rng.choice(['=', r'\rightarrow', r'\longrightarrow', r'\rightleftharpoons'])
-            return f'{out} {arrow} {self.compound(prod)}{mark}'
-        if t < 0.77:  # hydrate
-            salt = rng.choice(['CuSO4', 'Na2CO3', 'CaSO4', 'FeSO4', 'MgSO4', 'CoCl2'])
-            return f'{self.compound(salt)} \\cdot {rng.choice(["", "2", "5", "7", "10"])}{self.compound("H2O")}'
-        if t < 0.82:  # isotope / nuclear
-            el, (z, a) = rng.choice([('C', (6, 14)), ('U', (92, 235)), ('H', (1, 2)), ('H', (1, 3)), ('He', (2, 4)),
-                                     ('O', (8, 16)), ('N', (7, 14)), ('Co', (27, 60)), ('I', (53, 131))])
-            iso = f'{{}}_{{{z}}}^{{{a}}}{self._run(el) or el}'
-            if rng.random() < 0.5:
-                return iso
-            return f'{iso} + {{}}_{{0}}^{{1}}n \\rightarrow {{}}_{{{z}}}^{{{a + 1}}}{self._run(el) or el}'
-        if t < 0.87:  # electron configuration
-            shells = ['1s', '2s', '2p', '3s', '3p', '4s', '3d', '4p']
-            k = rng.randint(2, len(shells))
-            full = {'s': 2, 'p': 6, 'd': 10}
-            counts = [full[sh[1]] if i < k - 1 else rng.randint(1, full[sh[1]]) for i, sh in enumerate(shells[:k])]
-            parts = [f'{sh}^{{{c}}}' for sh, c in zip(shells, counts)]
-            return ' '.join(parts)
-        if t < 0.93:  # thermochemistry
-            lhs, rhs, _ = rng.choice(REACTIONS)
-            dh = rng.choice(['-', '+', '-']) + str(rng.randint(10, 2900))
-            dh += f'.{rng.randint(0, 9)}' if rng.random() < 0.3 else ''
-            return (f'{self.side(lhs, True)} = {self.side(rhs, True)} \\quad \\Delta H = {dh} '
-                    r'\mathrm{kJ} \cdot \mathrm{mol}^{-1}')
-        if t < 0.97:  # equilibrium constant
-            return rng.choice([
-                fr'K = \frac{{[{self.compound("NH3")}]^{{2}}}}{{[{self.compound("N2")}][{self.compound("H2")}]^{{3}}}}',
-                fr'K_{{a}} = \frac{{[{self.compound("H")}^{{+}}][{self.compound("A")}^{{-}}]}}'
-                fr'{{[{self.compound("HA")}]}}',
-                fr'\mathrm{{pH}} = -\lg [{self.compound("H")}^{{+}}]',
-                fr'K_{{sp}} = [{self.compound("Ag")}^{{+}}][{self.compound("Cl")}^{{-}}]',
-                fr'c = \frac{{n}}{{V}} = \frac{{{rng.randint(1, 9)}.{rng.randint(0, 9)} \mathrm{{mol}}}}'
-                fr'{{{rng.randint(1, 5)} \mathrm{{L}}}}'])
-        # half reaction / redox with electrons
-        el, ch = rng.choice([('Fe', '3+'), ('Cu', '2+'), ('Zn', '2+'), ('Ag', '+'), ('Al', '3+')])
-        k = {'+': 1, '2+': 2, '3+': 3}[ch]
-        e = f'{k if k > 1 else ""}e^{{-}}'
-        return rng.choice([f'{self.ion(el, ch)} + {e} \\rightarrow {self._run(el) or el}',
-                           f'{self._run(el) or el} - {e} = {self.ion(el, ch)}'])
-
-
-GENERATORS = {'openai': OpenAIGenerator, 'math': MathGenerator, 'chemistry': ChemistryGenerator}
+    img, _ = render_box(latex, fontsize, dpi, font, renderer)
+    out = crop_to_ink(img, pad)           # any non-white pixel is ink
+    if out is None:
+        raise RenderError('the formula renders to a blank image')
+    return out
 
 
 def sample_rng(seed, domain, split, index, attempt=0):
@@ -1212,10 +609,9 @@ def make_sample(domain, seed, split, index, attempt=0):
     """One demo sample: {'label': tokenized LaTeX, 'font', 'fontsize', 'dpi', 'margin': (top, bottom,
     left, right) or None}. Deterministic."""
     rng = sample_rng(seed, domain, split, index, attempt)
-    raw = GENERATORS[domain](rng)()
-    label = detokenize(tokenize(raw if isinstance(raw, str) else ' '.join(raw)))
+    label = formulas.generate(domain, rng)
     if domain == 'openai':
-        font = _choice_w(rng, list(OPENAI_FONTS))
+        font = formulas.choice_weighted(rng, list(OPENAI_FONTS))
         fontsize = round(rng.uniform(*OPENAI_FONTSIZE), 2)
         dpi = rng.randint(*OPENAI_DPI)
         margin = None
@@ -1246,20 +642,6 @@ def _fit_scale(h, w, buckets_wh, pad):
     return best
 
 
-def _write_text(path, text):
-    def writer(tmp):
-        with open(tmp, 'w', encoding='utf-8', newline='\n') as f:
-            f.write(text)
-    atomic_write(path, writer)
-
-
-def _save_png(img, path, meta):
-    info = PngImagePlugin.PngInfo()
-    for k, v in meta.items():
-        info.add_text(k, str(v))
-    atomic_write(path, lambda tmp: Image.fromarray(img, mode='L').save(tmp, format='PNG', pnginfo=info))
-
-
 def _render_sample(task):
     """Worker: render one sample and write its PNG. -> (slot, label, (H, W)) or (slot, None, error)."""
     slot, domain, key, sample, path, renderer = task
@@ -1286,7 +668,7 @@ def _render_sample(task):
         return slot, None, str(e)
     meta = {'latex': sample['label'], 'key': key, 'font': sample['font'], 'fontsize': sample['fontsize'],
             'dpi': round(kw['dpi'], 2), 'renderer': renderer, 'Software': 'render.py'}
-    _save_png(img, path, meta)
+    save_png(img, path, meta)
     return slot, sample['label'], img.shape
 
 
@@ -1299,22 +681,6 @@ def _existing(path, key):
     except (OSError, ValueError, SyntaxError):
         return None
     return None
-
-
-def _n_workers(workers):
-    if workers is None:
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:
-            return os.cpu_count() or 1
-    return max(1, int(workers))
-
-
-def _imap(pool, nw, fn, tasks, desc, quiet):
-    """Ordered map over tasks, in a pool of nw processes when given, with a progress bar."""
-    chunk = max(1, min(32, len(tasks) // (8 * nw)))  # ~8 chunks per worker: balanced, little overhead
-    it = pool.imap(fn, tasks, chunksize=chunk) if pool is not None else map(fn, tasks)
-    yield from tqdm(it, total=len(tasks), desc=desc, disable=quiet or not tasks, leave=False, dynamic_ncols=True)
 
 
 def demo_sizes(n=None):
@@ -1365,7 +731,7 @@ def _render_split(pool, nw, root_dir, domain, split, count, offset, seed, render
             tasks.append((i, domain, key, sample, path, renderer))
         pending = []
         t0 = time.time()
-        for i, label, res in _imap(pool, nw, _render_sample, tasks, f'{domain}/{split}', quiet):
+        for i, label, res in imap_progress(pool, nw, _render_sample, tasks, f'{domain}/{split}', quiet):
             if label is None:
                 stats['failures'] += 1
                 stats['errors'][res] += 1
@@ -1382,14 +748,50 @@ def _render_split(pool, nw, root_dir, domain, split, count, offset, seed, render
     return [done[i] for i in sorted(done)]
 
 
+def _write_domain(pool, nw, root_dir, domain, sizes, seed, renderer, workers, quiet):
+    """Render the splits of one domain, write its label files (and, for math and chemistry, the k-means
+    resized copies). -> the domain's entry of write_demo's result."""
+    import proc
+    stats = {'rendered': 0, 'reused': 0, 'failures': 0, 'dropped': 0, 'duplicates_skipped': 0,
+             'errors': Counter(), 'render_seconds': 0.0}
+    t0 = time.time()
+    forbidden, offset, counts, shapes = set(), 0, {}, []
+    for split, count in zip(SPLITS, sizes):
+        rows = _render_split(pool, nw, root_dir, domain, split, count, offset, seed, renderer,
+                             forbidden, quiet, stats)
+        offset += count
+        if split != 'test':  # val avoids train formulas; test avoids train and val formulas
+            forbidden |= {label for _, label, _ in rows}
+        write_text(label_path(root_dir, domain, split), ''.join(f'{name}\t{label}\n' for name, label, _ in rows))
+        counts[split] = len(rows)
+        shapes += [tuple(s) for _, _, s in rows]
+    info = dict(stats, counts=counts, errors=dict(stats['errors']))
+    # images of an earlier run with other --n/--seed are kept, but are in no label file
+    names = {f'{domain}_{k:06d}.png' for k in range(offset)}
+    raw = _raw_dir(root_dir, domain)
+    info['stale'] = sum(1 for f in os.listdir(raw) if re.fullmatch(rf'{domain}_\d{{6}}\.png', f)
+                        and f not in names) if os.path.isdir(raw) else 0
+    if domain == 'openai':
+        info['distinct_sizes'] = len(set(shapes))
+    else:
+        km = proc.kmeans_for_img_size(raw, caching=True, resize=True, workers=workers)
+        info['distinct_sizes_raw'] = len(set(shapes))
+        info['distinct_sizes'] = km['distinct']
+        info['aspect_mean'], info['aspect_max'] = km['aspect_mean'], km['aspect_max']
+    info['seconds'] = time.time() - t0
+    info['images_per_s'] = stats['rendered'] / stats['render_seconds'] if stats['render_seconds'] > 0 else None
+    return info
+
+
 def write_demo(root_dir, n=None, seed=0, workers=None, renderer='mathtext', domains=DOMAINS, quiet=False,
                sizes=None):
-    """Write the demo data sets into root_dir in the DESIGN.md layout:
+    """Write the demo data sets into root_dir, in the data layout of README.md (docs/formats.md):
     openai: <root>/images/openai_NNNNNN.png (Deng-processed, ~20 bucket sizes) + <root>/labels/{split}.txt;
     math, chemistry: <root>/adaptation_data/<domain>_images/ (continuous sizes), then
     proc.kmeans_for_img_size -> <domain>_images_resized/ (<= 32 sizes), + <domain>_labels/{split}.txt.
     n: training formulas per domain (val/test: 10% of n each); None = DEMO_SIZES.
     sizes: {domain: (train, val, test)} instead of n (e.g. a tiny set for tests).
+    workers: render processes (None: utils.n_workers' rule, every core this process may use).
     quiet: no progress bars.
     Deterministic for a seed, whatever `workers` is; existing images of the same sample are kept, so a
     re-run on a complete root only rewrites the label files. Every file is written atomically.
@@ -1397,153 +799,23 @@ def write_demo(root_dir, n=None, seed=0, workers=None, renderer='mathtext', doma
     Returns {'root_dir', 'seconds', 'domains': {domain: {'counts': {split: n}, 'rendered', 'reused',
     'failures', 'dropped', 'duplicates_skipped', 'errors': {message: count}, 'distinct_sizes',
     'images_per_s', ...}}}."""
-    import proc
     t_start = time.time()
     root_dir = os.fspath(root_dir)
-    if renderer not in RENDERERS:
-        raise ValueError(f'unknown renderer {renderer!r} (expected one of {", ".join(RENDERERS)})')
-    if renderer == 'latex' and latex_tools() is None:
-        raise RenderError(LATEX_INSTALL_HINT)
+    check_renderer(renderer)
     domains = list(domains)
     bad = [d for d in domains if d not in DOMAINS]
     if bad:
         raise ValueError(f'unknown domain(s) {bad} (expected some of {", ".join(DOMAINS)})')
     sizes = demo_sizes(n) if sizes is None else {d: tuple(int(k) for k in sizes[d]) for d in domains}
-    nw = _n_workers(workers)
+    nw = n_workers(workers)
     total = sum(sum(sizes[d]) for d in domains)
-    pool = multiprocessing.Pool(nw) if nw > 1 and total >= 4 * nw else None
     result = {'root_dir': root_dir, 'domains': {}}
-    try:
+    with process_pool(nw, use=total >= MIN_TASKS_PER_WORKER * nw) as pool:
         for domain in domains:
-            stats = {'rendered': 0, 'reused': 0, 'failures': 0, 'dropped': 0, 'duplicates_skipped': 0,
-                     'errors': Counter(), 'render_seconds': 0.0}
-            t0 = time.time()
-            forbidden, offset, counts, shapes = set(), 0, {}, []
-            for split, count in zip(SPLITS, sizes[domain]):
-                rows = _render_split(pool, nw, root_dir, domain, split, count, offset, seed, renderer,
-                                     forbidden, quiet, stats)
-                offset += count
-                if split != 'test':  # val avoids train formulas; test avoids train and val formulas
-                    forbidden |= {label for _, label, _ in rows}
-                text = ''.join(f'{name}\t{label}\n' for name, label, _ in rows)
-                _write_text(label_path(root_dir, domain, split), text)
-                counts[split] = len(rows)
-                shapes += [tuple(s) for _, _, s in rows]
-            info = dict(stats, counts=counts, errors=dict(stats['errors']))
-            # images of an earlier run with other --n/--seed are kept, but are in no label file
-            names = {f'{domain}_{k:06d}.png' for k in range(offset)}
-            raw = _raw_dir(root_dir, domain)
-            info['stale'] = sum(1 for f in os.listdir(raw) if re.fullmatch(rf'{domain}_\d{{6}}\.png', f)
-                                and f not in names) if os.path.isdir(raw) else 0
-            if domain == 'openai':
-                info['distinct_sizes'] = len(set(shapes))
-            else:
-                km = proc.kmeans_for_img_size(_raw_dir(root_dir, domain), caching=True, resize=True,
-                                              workers=workers)
-                info['distinct_sizes_raw'] = len(set(shapes))
-                info['distinct_sizes'] = km['distinct']
-                info['aspect_mean'], info['aspect_max'] = km['aspect_mean'], km['aspect_max']
-            info['seconds'] = time.time() - t0
-            info['images_per_s'] = stats['rendered'] / stats['render_seconds'] if stats['render_seconds'] > 0 else None
-            result['domains'][domain] = info
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+            result['domains'][domain] = _write_domain(pool, nw, root_dir, domain, sizes[domain], seed, renderer,
+                                                      workers, quiet)
     result['seconds'] = time.time() - t_start
     return result
-
-
-# -----------------------------------------------------------------------------
-# image metrics (Deng et al. 2017, evaluate_image.py)
-
-def _columns(img, height):
-    """Binarized columns of a uint8 image padded (at the bottom, with white) to `height` rows, as bytes,
-    blank columns dropped."""
-    ink = np.asarray(img) <= BINARIZE                            # (H, W) bool
-    if ink.shape[0] < height:
-        ink = np.pad(ink, ((0, height - ink.shape[0]), (0, 0)))  # blank rows below
-    keep = ink.any(axis=0)
-    packed = np.packbits(ink[:, keep].T, axis=1)                 # (W', ceil(height / 8)) one row per column
-    return [row.tobytes() for row in packed]
-
-
-def compare_images(a, b):
-    """Deng's image comparison of two renders (uint8 (H, W), white background): binarize (ink <= 128),
-    pad the shorter image with blank rows at the bottom, drop blank columns, then compare the column
-    sequences. -> {'match': bool (identical sequences), 'col_edit': Levenshtein distance between the
-    column sequences, 'col_len': max of the two lengths}."""
-    from rapidfuzz.distance import Levenshtein
-    h = max(np.asarray(a).shape[0], np.asarray(b).shape[0])
-    ca, cb = _columns(a, h), _columns(b, h)
-    dist = Levenshtein.distance(ca, cb)
-    return {'match': dist == 0 and len(ca) == len(cb), 'col_edit': int(dist), 'col_len': max(len(ca), len(cb))}
-
-
-def _aligned_pair(gold, pred, fontsize, dpi, font, renderer):
-    """Render both boxes and pad the tops so that their baselines are on the same row (like formulas
-    typeset on one page); -> (gold image, pred image or None, error of pred or None)."""
-    g, gb = _render_box(gold, fontsize, dpi, font, renderer)
-    try:
-        p, pb = _render_box(pred, fontsize, dpi, font, renderer)
-    except RenderError as e:
-        return g, None, str(e)
-    if gb is not None and pb is not None:
-        shift = gb - pb
-        if shift > 0:
-            p = np.pad(p, ((shift, 0), (0, 0)), constant_values=255)
-        elif shift < 0:
-            g = np.pad(g, ((-shift, 0), (0, 0)), constant_values=255)
-    return g, p, None
-
-
-def _metric_task(task):
-    gold, pred, fontsize, dpi, font, renderer = task
-    try:
-        g, p, err = _aligned_pair(gold, pred, fontsize, dpi, font, renderer)
-    except RenderError as e:
-        return {'gold_error': str(e)}
-    if p is None:
-        return {'match': False, 'col_edit': len(_columns(g, g.shape[0])), 'col_len': len(_columns(g, g.shape[0])),
-                'pred_error': err}
-    return compare_images(g, p)
-
-
-def image_metrics(golds, preds, workers=None, fontsize=FONTSIZE, dpi=DPI, font='cm', renderer='mathtext',
-                  per_sample=False, quiet=False):
-    """Deng's image evaluation over a corpus. golds, preds: LaTeX strings (raw or tokenized) or token lists.
-    Gold and prediction are rendered the same way (font, size, dpi), aligned on their baselines,
-    binarized, blank columns dropped, and compared column by column.
-    A prediction that fails to render is a mismatch with col_edit = the gold's column count.
-    A gold that fails to render leaves the sample out (counted in render_failures_gold).
-    -> {'image_match': fraction of evaluated samples whose images match,
-        'column_edit_accuracy': 1 - sum(col_edit) / sum(col_len), 'render_failures_pred': int,
-        'render_failures_gold': int, 'n': evaluated samples, 'n_total': int,
-        'samples': per-sample dicts (only with per_sample=True)}."""
-    golds, preds = list(golds), list(preds)
-    if len(golds) != len(preds):
-        raise ValueError(f'{len(golds)} golds but {len(preds)} predictions')
-    join = lambda x: detokenize(x) if isinstance(x, (list, tuple)) else x  # noqa: E731
-    tasks = [(join(g), join(p), fontsize, dpi, font, renderer) for g, p in zip(golds, preds)]
-    if renderer == 'latex' and latex_tools() is None:
-        raise RenderError(LATEX_INSTALL_HINT)
-    nw = _n_workers(workers)
-    pool = multiprocessing.Pool(nw) if nw > 1 and len(tasks) >= 16 * nw else None
-    try:
-        results = list(_imap(pool, nw, _metric_task, tasks, 'image metrics', quiet))
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    ok = [r for r in results if 'gold_error' not in r]
-    edits, lens = sum(r['col_edit'] for r in ok), sum(r['col_len'] for r in ok)
-    out = {'image_match': sum(r['match'] for r in ok) / len(ok) if ok else 0.0,
-           'column_edit_accuracy': 1.0 - edits / lens if lens else (1.0 if ok else 0.0),
-           'render_failures_pred': sum('pred_error' in r for r in ok),
-           'render_failures_gold': len(results) - len(ok), 'n': len(ok), 'n_total': len(results)}
-    if per_sample:
-        out['samples'] = results
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -1570,14 +842,16 @@ def _print_summary(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description='Render the demo data sets (openai, math, chemistry) into --root_dir '
-                                 'in the layout of DESIGN.md, or one formula to a PNG with --latex/--out.')
+                                 '(data layout: README.md, docs/formats.md), or one formula to a PNG with '
+                                 '--latex/--out.')
     ap.add_argument('--root_dir', default=DEFAULT_ROOT, help=f'output root (default {DEFAULT_ROOT})')
     ap.add_argument('--n', type=int, default=None,
                     help='training formulas per domain; val and test get 10%% of it each (default: '
                     + ', '.join(f'{d} {s[0]}/{s[1]}/{s[2]}' for d, s in DEMO_SIZES.items()) + ')')
     ap.add_argument('--seed', type=int, default=0,
                     help='seed of the formula generators and render settings (default 0)')
-    ap.add_argument('--workers', type=int, default=None, help='render processes (default: all CPU cores)')
+    ap.add_argument('--workers', type=int, default=None,
+                    help='render processes (default: every CPU core this process may use)')
     ap.add_argument('--renderer', choices=RENDERERS, default='mathtext',
                     help="mathtext (matplotlib, no TeX needed; default) or latex (latex+dvipng or pdflatex+pdftoppm)")
     ap.add_argument('--domains', nargs='+', choices=DOMAINS, default=list(DOMAINS),
@@ -1597,7 +871,7 @@ def main(argv=None):
         except RenderError as e:
             print(f'cannot render: {e}', file=sys.stderr)
             return 1
-        atomic_write(args.out, lambda tmp: Image.fromarray(img, mode='L').save(tmp, format='PNG'))
+        save_png(img, args.out)
         print(f'{args.out}: {img.shape[0]}x{img.shape[1]} (H x W)')
         return 0
     try:

@@ -13,7 +13,7 @@ The TSV has no header; gold and pred are space-joined tokens; the scores are the
 log-probabilities of its prediction and of the gold (<eos> included; nan if the gold is longer than
 the model's positions), so score_gold > score_pred flags a search error.
 
-Metrics (DESIGN.md), on token sequences:
+Metrics (metrics.py; definitions in docs/formats.md), on token sequences:
     BLEU-4               corpus BLEU of the space-joined tokens, == multi-bleu.perl (0-100)
     edit accuracy        1 - sum lev(g, p) / sum max(len g, len p)       (Deng et al. 2017)
     norm. edit distance  mean of lev(g, p) / max(len g, len p)          (pix2tex)
@@ -27,13 +27,10 @@ so it never starts with 'ERROR:'), and the exit code is 1 if any image failed.
 import argparse
 import base64
 import concurrent.futures
-import contextlib
 import datetime
 import difflib
 import functools
 import html
-import io
-import json
 import math
 import os
 import platform
@@ -44,11 +41,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from rapidfuzz.distance import Levenshtein
-from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 import data
+from checkpoint import load_model
+from metrics import METRIC_NAMES, compute_metrics, edit_distances, format_metrics
+from transformer import LENGTH_PENALTY, MAX_DECODE_LEN, decode_batch, decode_dataset, model_max_len
+from utils import (amp_context, crop_to_ink, eval_mode, info, pick_amp, pick_device, png_bytes, write_json,
+                   write_text)
 
 # -----------------------------------------------------------------------------
 # defaults of the flags below
@@ -56,202 +56,14 @@ OUT_DIR = 'runs'
 SPLIT = 'test'
 BATCHSZ = 32          # images per decoding batch (beam search keeps beam x this many hypotheses)
 BEAM = 1              # 1 = greedy
-MAX_LEN = 150         # decoding stops after this many tokens
-LENGTH_PENALTY = 1.0  # beam score = sum log p / ((5 + len) / 6) ** LENGTH_PENALTY (Wu et al. 2016)
+MAX_LEN = MAX_DECODE_LEN   # decoding stops after this many tokens (150)
+# LENGTH_PENALTY (transformer.py, 1.0): beam score = sum log p / ((5 + len) / 6) ** LENGTH_PENALTY (Wu et al. 2016)
 REPORT_N = 50         # samples in the --report page
 PREPROCESS = 'crop'   # --image: crop to ink + pad, keep resolution
 # constants
 CROP_PAD = 8          # px of white around the ink (as Deng's processing)
 MAX_SIDE = 800        # --preprocess crop: longer images are shrunk to fit (Deng's largest bucket / 2)
 CHUNK = 1024          # --image: images loaded and decoded per chunk (bounds memory on big folders)
-
-
-# -----------------------------------------------------------------------------
-# metrics (DESIGN.md); all take lists of token lists
-
-def _bleu_stats(golds, preds):
-    _check_pairs(golds, preds)
-    # tokenize='none': the space-joined tokens are split on white space, exactly as multi-bleu.perl;
-    # no smoothing: a zero n-gram count gives 0, as multi-bleu.perl
-    metric = BLEU(tokenize='none', smooth_method='none', lowercase=False, force=True, effective_order=False)
-    return metric.corpus_score([' '.join(p) for p in preds], [[' '.join(g) for g in golds]])
-
-
-def bleu4(golds, preds):
-    """Corpus BLEU-4 (Papineni et al. 2002) in 0-100, equal to multi-bleu.perl on the space-joined
-    tokens: clipped n-gram precisions pooled over the corpus, geometric mean of orders 1-4, brevity
-    penalty exp(1 - ref_len / hyp_len) when the predictions are shorter in total. 0 for no samples
-    (multi-bleu.perl would print 0 too) and when any order has no matching n-gram."""
-    if len(golds) == 0 and len(preds) == 0:
-        return 0.0
-    return float(_bleu_stats(golds, preds).score)
-
-
-def _check_pairs(golds, preds):
-    if len(golds) != len(preds):
-        raise ValueError(f'{len(golds)} gold sequences but {len(preds)} predictions')
-
-
-def _distances(golds, preds):
-    """Token-level Levenshtein distances and max lengths, one pair per sample."""
-    _check_pairs(golds, preds)
-    lev = [Levenshtein.distance(list(g), list(p)) for g, p in zip(golds, preds)]
-    longest = [max(len(g), len(p)) for g, p in zip(golds, preds)]
-    return lev, longest
-
-
-def edit_accuracy(golds, preds):
-    """Deng et al. 2017: 1 - sum lev(g, p) / sum max(len g, len p); 1.0 when every sequence is empty."""
-    lev, longest = _distances(golds, preds)
-    return _edit_accuracy(lev, longest)
-
-
-def _edit_accuracy(lev, longest):
-    total = sum(longest)
-    return 1.0 - sum(lev) / total if total else 1.0
-
-
-def normalized_edit_distance(golds, preds):
-    """Mean over samples of lev(g, p) / max(len g, len p) (0 for two empty sequences); 0.0 for no samples."""
-    lev, longest = _distances(golds, preds)
-    return _norm_edit_distance(lev, longest)
-
-
-def _norm_edit_distance(lev, longest):
-    per = [d / m if m else 0.0 for d, m in zip(lev, longest)]
-    return sum(per) / len(per) if per else 0.0
-
-
-def exact_match(golds, preds):
-    """Share of samples whose token sequences are equal (token strings compared; 0.0 for no samples)."""
-    _check_pairs(golds, preds)
-    return sum(list(g) == list(p) for g, p in zip(golds, preds)) / len(golds) if golds else 0.0
-
-
-def compute_metrics(golds, preds):
-    """All DESIGN.md text metrics of token sequences golds[i] vs preds[i] -> dict
-    {'bleu4' (0-100), 'edit_accuracy', 'norm_edit_distance', 'exact_match' (0-1), 'n'}."""
-    lev, longest = _distances(golds, preds)
-    return {'bleu4': bleu4(golds, preds),
-            'edit_accuracy': _edit_accuracy(lev, longest),
-            'norm_edit_distance': _norm_edit_distance(lev, longest),
-            'exact_match': exact_match(golds, preds),
-            'n': len(golds)}
-
-
-METRIC_NAMES = (('bleu4', 'BLEU-4', '{:.2f}'), ('edit_accuracy', 'edit accuracy', '{:.4f}'),
-                ('norm_edit_distance', 'norm. edit distance', '{:.4f}'), ('exact_match', 'exact match', '{:.4f}'),
-                ('image_match', 'image match', '{:.4f}'), ('column_edit_accuracy', 'column edit accuracy', '{:.4f}'))
-
-
-def format_metrics(metrics):
-    """A small two-column table of the metrics present in `metrics`."""
-    lines = [f'  {label:<22}{fmt.format(metrics[key])}' for key, label, fmt in METRIC_NAMES if key in metrics]
-    return '\n'.join(lines)
-
-
-# -----------------------------------------------------------------------------
-# decoding
-
-class Record(NamedTuple):
-    """One decoded sample. A tuple (index, gold, pred, score_pred, score_gold) that also answers
-    record['gold'] etc. gold/pred are token lists; scores are summed log-probabilities (nan if unknown)."""
-    index: int
-    gold: list
-    pred: list
-    score_pred: float
-    score_gold: float
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return tuple.__getitem__(self, key)
-
-
-def amp_context(device, amp_dtype):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=amp_dtype)
-
-
-def decode_batch(model, images=None, beam=1, max_len=MAX_LEN, length_penalty=LENGTH_PENALTY, memory=None):
-    """(B, 1, H, W) images of one size (or their memory) -> (id lists without SOS/EOS, (B,) summed
-    log-probs of them, <eos> included when emitted). Greedy (cached) for beam 1, else beam search, which
-    picks by the length-normalised score but returns the plain sum here: the scale of score_gold."""
-    if beam <= 1:
-        return model.greedy(images=images, memory=memory, max_len=max_len)
-    best = model.beam_search_nbest(images=images, memory=memory, beam=beam, max_len=max_len,
-                                   length_penalty=length_penalty)
-    ids = [hyps[0][2] for hyps in best]                      # hyps: (score, summed log-prob, ids), best first
-    logp = torch.tensor([hyps[0][1] for hyps in best], dtype=torch.float32)
-    return ids, logp
-
-
-def model_max_len(model):
-    """Longest token sequence (positions) the model's decoder accepts."""
-    return int(getattr(model, 'hparams', {}).get('max_len', 10 ** 9))
-
-
-def gold_logprob(model, tgt, memory):
-    """model.sequence_logprob of tgt (B, T) = [SOS] ids [EOS], PAD-padded, given the memory; nan for a
-    gold sequence longer than the decoder's positions (such a formula is still decoded and scored)."""
-    limit = model_max_len(model)                       # positions the decoder input tgt[:, :-1] may use
-    lengths = (tgt != data.PAD).sum(dim=1)             # (B,) incl. SOS and EOS
-    fits = lengths - 1 <= limit
-    out = torch.full((tgt.shape[0],), math.nan)
-    if fits.any():
-        rows = fits.nonzero()[:, 0]
-        sub = tgt[rows, :int(lengths[rows].max())]    # (b, T') only fitting rows, trailing PAD cut
-        out[rows.cpu()] = model.sequence_logprob(None, sub, memory=memory[rows]).float().cpu()
-    return out
-
-
-@torch.no_grad()
-def decode_dataset(model, loader, vocab, beam=1, max_len=MAX_LEN, amp_dtype=None, device=None, *,
-                   progress=True, gold_scores=True, length_penalty=LENGTH_PENALTY, desc='decode'):
-    """Decode every sample of `loader` (data.make_loader over a FormulaDataset, shuffle off or on)
-    -> list of Record(index, gold tokens, pred tokens, score_pred, score_gold) sorted by index.
-
-    gold tokens are the dataset's token strings (not vocab ids), so a gold token the vocab lacks can
-    never be matched by a prediction: it counts as an error. score_gold is the model's summed log-prob
-    of the gold ids ([SOS] .. [EOS], unknown tokens as <unk>); gold_scores=False skips it (nan).
-    The model is put in eval mode for the call and then back in its previous mode."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    max_len = min(max_len, model_max_len(model))       # the model cannot emit more positions
-    dataset = loader.dataset
-    gold_tokens = getattr(dataset, 'tokens', None)
-    records = []
-    was_training = model.training
-    model.eval()
-    try:
-        bar = tqdm(total=len(dataset), desc=desc, unit='formula', disable=not progress, dynamic_ncols=True)
-        for micro_batches in loader:
-            for mb in micro_batches:                       # one image size each
-                images = mb['images'].to(device, non_blocking=True)
-                indices = mb['indices'].tolist()
-                with amp_context(device, amp_dtype):
-                    memory = model.encode(images)                  # (B, S, d_model), shared by both scores
-                    ids, score_pred = decode_batch(model, beam=beam, max_len=max_len,
-                                                   length_penalty=length_penalty, memory=memory)
-                    score_gold = None
-                    if gold_scores and mb.get('tgt') is not None:
-                        score_gold = gold_logprob(model, mb['tgt'].to(device, non_blocking=True), memory)
-                score_pred = score_pred.float().tolist()
-                score_gold = score_gold.float().tolist() if score_gold is not None else [math.nan] * len(indices)
-                for k, index in enumerate(indices):
-                    if gold_tokens is not None:
-                        gold = list(gold_tokens[index])
-                    elif mb.get('tgt') is not None:
-                        gold = vocab.decode(mb['tgt'][k])
-                    else:
-                        gold = []
-                    records.append(Record(index, gold, vocab.decode(ids[k]), score_pred[k], score_gold[k]))
-                bar.update(len(indices))
-        bar.close()
-    finally:
-        model.train(was_training)
-    records.sort(key=lambda r: r.index)
-    return records
 
 
 # -----------------------------------------------------------------------------
@@ -292,11 +104,7 @@ def write_predictions(path, rows):
     for image, gold, pred, score_pred, score_gold in rows:
         image = _CONTROL_WS.sub(' ', image)
         lines.append(f'{image}\t{_field(gold)}\t{_field(pred)}\t{_fmt_score(score_pred)}\t{_fmt_score(score_gold)}\n')
-
-    def writer(tmp):
-        with open(tmp, 'w', encoding='utf-8', newline='\n') as f:
-            f.writelines(lines)
-    data.atomic_write(path, writer)
+    write_text(path, ''.join(lines))
 
 
 def read_predictions(path):
@@ -321,31 +129,8 @@ def read_predictions(path):
     return rows
 
 
-def write_json(path, obj):
-    def writer(tmp):
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write('\n')
-    data.atomic_write(path, writer)
-
-
 # -----------------------------------------------------------------------------
 # images for --image and the report
-
-def crop_to_ink(u8, pad=CROP_PAD, threshold=None):
-    """uint8 (H, W), white = 255 -> the bounding box of the pixels darker than `threshold` (default
-    proc.INK_THRESHOLD, the ink of deng_process), with `pad` px of white around it; None for an image
-    without ink. Resolution is kept."""
-    if threshold is None:
-        import proc
-        threshold = proc.INK_THRESHOLD
-    rows = np.flatnonzero((u8 < threshold).any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero((u8 < threshold).any(axis=0))
-    ink = u8[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    return np.pad(ink, pad, mode='constant', constant_values=255)
-
 
 def shrink_to_fit(u8, max_side=MAX_SIDE):
     """Downscale (keeping the aspect ratio, area filter) so that H, W <= max_side; smaller images unchanged."""
@@ -371,7 +156,8 @@ def preprocess_image(u8, how=PREPROCESS):
         import proc
         out = proc.deng_process(u8)
     elif how == 'crop':
-        out = crop_to_ink(u8)
+        import proc
+        out = crop_to_ink(u8, CROP_PAD, proc.INK_THRESHOLD)
         out = shrink_to_fit(out) if out is not None else None
     else:
         raise ValueError(f'unknown preprocessing {how!r}')
@@ -397,10 +183,7 @@ def expand_image_paths(paths):
 
 
 def png_base64(u8):
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, format='PNG', optimize=True)
-    return base64.b64encode(buf.getvalue()).decode('ascii')
+    return base64.b64encode(png_bytes(u8, optimize=True)).decode('ascii')
 
 
 # -----------------------------------------------------------------------------
@@ -425,10 +208,8 @@ def transcribe_arrays(model, vocab, arrays, beam=1, max_len=MAX_LEN, batchsz=BAT
     for i, a in enumerate(arrays):
         by_size.setdefault(a.shape, []).append(i)
     out = [None] * len(arrays)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), tqdm(total=len(arrays), desc='transcribe', unit='image', disable=not progress) as bar:
+    with eval_mode(model), torch.no_grad():
+        with tqdm(total=len(arrays), desc='transcribe', unit='image', disable=not progress) as bar:
             for idxs in by_size.values():
                 for s in range(0, len(idxs), batchsz):
                     chunk = idxs[s:s + batchsz]
@@ -444,8 +225,6 @@ def transcribe_arrays(model, vocab, arrays, beam=1, max_len=MAX_LEN, batchsz=BAT
                             out[i] = RuntimeError(f'model failed on this {h}x{w} image ({type(e).__name__}: '
                                                   f'{str(e).splitlines()[0] if str(e) else ""})')
                     bar.update(len(chunk))
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -539,21 +318,13 @@ def write_report(path, samples, title, meta_lines, render_fn=None):
                      f'<td><b>gold</b> ({len(s["gold"])} tokens)<br><code>{g}</code><br><b>prediction</b> '
                      f'({len(s["pred"])} tokens)<br><code>{p}</code></td><td>{rendered}</td></tr>')
     parts.append('</table></body></html>\n')
-    text = '\n'.join(parts)
-
-    def writer(tmp):
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.write(text)
-    data.atomic_write(path, writer)
+    write_text(path, '\n'.join(parts))
 
 
 def worst_samples(records, n):
     """The n records with the largest normalized edit distance (ties: longer gold first, then index)."""
-    scored = []
-    for r in records:
-        lev = Levenshtein.distance(list(r.gold), list(r.pred))
-        m = max(len(r.gold), len(r.pred))
-        scored.append((lev / m if m else 0.0, lev, r))
+    lev, longest = edit_distances([r.gold for r in records], [r.pred for r in records])
+    scored = [(d / m if m else 0.0, d, r) for d, m, r in zip(lev, longest, records)]
     scored.sort(key=lambda t: (-t[0], -len(t[2].gold), t[2].index))
     return scored[:n]
 
@@ -561,16 +332,23 @@ def worst_samples(records, n):
 # -----------------------------------------------------------------------------
 # the run
 
-def info(msg):
-    """Messages go to stderr: stdout carries only results (metrics table, transcriptions)."""
-    print(msg, file=sys.stderr, flush=True)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default unless it is None / False / empty (those say nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if '%(default)' not in text and action.default not in (None, False, '', argparse.SUPPRESS) \
+                and action.option_strings:
+            text += ' (default: %(default)s)'
+        return text
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 1)[1],
                                 formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=32))
     g = p.add_argument_group('what to evaluate')
-    g.add_argument('--root_dir', default=data.DEFAULT_ROOT, help='data root in the layout of DESIGN.md')
+    g.add_argument('--root_dir', default=data.DEFAULT_ROOT,
+                   help='data root (layout: README.md, "Data layout"; docs/formats.md)')
     g.add_argument('--test_on', default='openai', choices=data.DOMAINS, help='domain to evaluate on')
     g.add_argument('--split', default=SPLIT, choices=('train', 'val', 'test'), help='split to evaluate')
     g.add_argument('--cache', action='store_true', help='use/build <root_dir>/.cache of decoded images')
@@ -630,89 +408,8 @@ def get_args(argv=None):
     return args
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows a flag's default unless it is None / False / empty (those say nothing)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ''
-        if '%(default)' not in text and action.default not in (None, False, '', argparse.SUPPRESS) \
-                and action.option_strings:
-            text += ' (default: %(default)s)'
-        return text
-
-
-def pick_device(name, local_rank=None):
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device; under torchrun (local_rank set) CUDA is the
-    process's own GPU. Shared by train.py, test.py and bench.py."""
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dev = torch.device(name)
-    if dev.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise SystemExit('error: --device cuda asked for, but torch sees no CUDA device')
-        if local_rank is not None:
-            dev = torch.device('cuda', local_rank)
-        elif dev.index is None:
-            dev = torch.device('cuda', 0)
-    return dev
-
-
-def _cpu_has_native_bf16():
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
-
-
-def pick_amp(args, device, doing='decoding', log=None):
-    """-> autocast dtype or None from args.fp16 / args.bf16; says what it does where a precision flag
-    does not apply (fp16 needs CUDA; a GPU without bf16) or is slow (CPU bf16 without native support:
-    bench.py measured 0.5-0.65x of fp32 training on such a CPU). Shared by train.py, test.py, bench.py."""
-    log = log or info
-    if args.fp16:
-        if device.type == 'cuda':
-            return torch.float16
-        log(f'--fp16 needs a CUDA device: {doing} in fp32 on the CPU (--bf16 gives CPU bfloat16 autocast)')
-        return None
-    if args.bf16:
-        if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
-            log(f'this GPU has no bfloat16 support: {doing} in fp32')
-            return None
-        if device.type == 'cpu' and not _cpu_has_native_bf16():
-            log('--bf16: this CPU has no native bfloat16 (AVX512-BF16 / AMX); autocast emulates it and is '
-                'slower than fp32 here (python3 bench.py --dtypes fp32,bf16 measures it)')
-        return torch.bfloat16
-    return None
-
-
 def default_weights(args):
     return args.weights or os.path.join(args.out_dir, args.test_on, 'best.pt')
-
-
-def load_model(path, mean_teacher=False, device='cpu', hint=None):
-    """-> (model in eval mode on `device`, data.Vocab, checkpoint dict, 'teacher' | 'student').
-    SystemExit with a clear message for a missing or unreadable checkpoint or a missing teacher."""
-    import transformer
-    if not os.path.isfile(path):
-        raise SystemExit(f'error: no checkpoint at {path}.\n{hint or ""}'.rstrip())
-    try:
-        model, itos, ckpt = transformer.load_checkpoint(path, which='model', map_location='cpu')
-        if mean_teacher:
-            if ckpt.get('teacher') is None:
-                raise SystemExit(f'error: {path} has no teacher weights: --mean_teacher evaluates the teacher '
-                                 '(EMA) weights, which only a checkpoint trained with `train.py --mean_teacher` '
-                                 'has. Drop --mean_teacher to evaluate its student weights.')
-            try:
-                model.load_state_dict(ckpt['teacher'], strict=True)
-            except RuntimeError as e:
-                raise ValueError(f'{path}: teacher weights do not fit the model ({e})') from None
-        vocab = data.Vocab(list(itos))
-    except ValueError as e:                 # transformer.load_checkpoint's messages name the file
-        raise SystemExit(f'error: {e}') from None
-    except (KeyError, OSError) as e:
-        raise SystemExit(f'error: cannot load checkpoint {path}: {type(e).__name__}: {e}') from None
-    if mean_teacher:
-        info(f'evaluating the teacher (EMA) weights of {path}')
-    elif ckpt.get('teacher') is not None:
-        info(f'evaluating the student weights of {path} (it also holds teacher weights: --mean_teacher)')
-    return model.to(device).eval(), vocab, ckpt, ('teacher' if mean_teacher else 'student')
 
 
 def build_loader(args, vocab, device, problems):
@@ -749,9 +446,9 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
     preds = [r.pred for r in records]
     metrics = compute_metrics(golds, preds)
     if args.render_eval:
-        import render
+        from metrics import image_metrics
         info('rendering gold and predicted formulas for the image metrics ...')
-        img = render.image_metrics(golds, preds, workers=args.workers if args.workers > 0 else None)
+        img = image_metrics(golds, preds, workers=args.workers if args.workers > 0 else None)
         metrics.update({k: v for k, v in img.items() if k not in ('n', 'n_total', 'samples')})
         metrics['image_n'] = img['n']          # samples whose gold rendered (the others are left out)
 

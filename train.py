@@ -6,32 +6,41 @@
 
 Outputs go to <out_dir>/<train_on>/: last.pt (every epoch and on Ctrl-C), best.pt (best validation
 BLEU-4; the teacher's when --mean_teacher), args.json, tb/ (TensorBoard).
+
+Reading order: defaults; the pieces (losses, learning-rate schedule, mean-teacher EMA, distributed
+helpers, the checkpoint dict); the Trainer (one optimizer step, one epoch, validation, saving); then
+the command line and main (build the data, build or restore the model, run the loop).
 """
 import argparse
 import contextlib
 import copy
+import dataclasses
+import json
 import math
 import os
 import random
 import signal
 import sys
 import time
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 import data
-import test as evaluation   # metrics, decoding, device and precision helpers
 import transformer
+from metrics import compute_metrics
+from utils import amp_context, eval_mode, pick_amp, pick_device, write_json
 
 # -----------------------------------------------------------------------------
 # defaults (every one is a flag below)
 BATCHSZ = 64
 INITLR = 1e-3
 EPOCHS = 10
-MOMENTUM = 0.9          # SGD; OneCycle cycles it between 0.85 and 0.95
+MOMENTUM = 0.9          # SGD; OneCycle cycles it between 0.85 and this
 WEIGHT_DECAY = 1e-4
 ADAM_GAMMA = 0.9        # Adam: lr *= gamma after every epoch
 CLIP = 1.0              # max global grad norm, once per optimizer step
@@ -39,98 +48,45 @@ EMA_DECAY = 0.999       # mean teacher
 CONSISTENCY = 1.0       # weight of the consistency cost after ramp-up (KL)
 RAMPUP = 5.0            # epochs of the sigmoid-shaped ramp-up
 MAX_LEN = 150           # longest formula (tokens) trained on / decoded
-CKPT_FORMAT = 1
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group('data')
-    g.add_argument('--root_dir', default=data.DEFAULT_ROOT,
-                   help='data root in the layout of DESIGN.md; the default demo root is rendered if missing')
-    g.add_argument('--train_on', default='openai', choices=data.DOMAINS, help='domain to train on')
-    g.add_argument('--cache', action='store_true', help='use/build <root_dir>/.cache of decoded images')
-    g.add_argument('--batchsz', type=int, default=BATCHSZ, help='images per optimizer step (per process)')
-    g.add_argument('--split_batch', action='store_true',
-                   help='random mixed-size batches, split into same-size micro-batches (gradient accumulation) '
-                        'instead of size-bucketed batches')
-    g.add_argument('--unlabeled', default=None, metavar='DIR',
-                   help='folder of unlabeled target-domain images for the consistency cost (needs --mean_teacher)')
-    g.add_argument('--workers', type=int, default=-1, help='DataLoader workers (-1: 0 on CPU, 4 on CUDA)')
-    g.add_argument('--max_len', type=int, default=MAX_LEN,
-                   help='formulas with more tokens are skipped in training; decoding stops here')
-    g.add_argument('--augment', type=float, default=None,
-                   help='augmentation strength, 0 = off (None: 1 with --mean_teacher, else 0)')
-    g.add_argument('--val_max', type=int, default=0, help='validate on at most this many samples (0 = all)')
-
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=EPOCHS, help='number of epochs')
-    g.add_argument('--initlr', type=float, default=INITLR,
-                   help='peak lr of OneCycle (SGD) or initial lr (Adam)')
-    g.add_argument('--Adam', action='store_true', help='Adam + exponential lr decay instead of SGD + OneCycle')
-    g.add_argument('--gamma', type=float, default=ADAM_GAMMA, help='Adam: lr decay factor per epoch')
-    g.add_argument('--momentum', type=float, default=MOMENTUM, help='SGD momentum (max of the OneCycle cycle)')
-    g.add_argument('--weight_decay', type=float, default=WEIGHT_DECAY,
-                   help='weight decay (not applied to biases and norm weights)')
-    g.add_argument('--clip', type=float, default=CLIP, help='clip the global grad norm (0 = off)')
-    g.add_argument('--label_smoothing', type=float, default=0.0, help='label smoothing of the CE loss')
-    g.add_argument('--seed', type=int, default=0, help='random seed')
-
-    g = p.add_argument_group('mean teacher (Tarvainen & Valpola 2017)')
-    g.add_argument('--mean_teacher', action='store_true', help='train with an EMA teacher and a consistency cost')
-    g.add_argument('--ema_decay', type=float, default=EMA_DECAY, help='EMA decay of the teacher')
-    g.add_argument('--consistency', type=float, default=CONSISTENCY, help='consistency weight after ramp-up')
-    g.add_argument('--consistency_type', default='kl', choices=('kl', 'mse'),
-                   help='per-token KL(teacher || student) or squared error between the softmaxes')
-    g.add_argument('--rampup', type=float, default=RAMPUP, help='epochs of consistency ramp-up')
-
-    g = p.add_argument_group('model (ignored with --init_from / --resume, which use the checkpoint\'s)')
-    g.add_argument('--d_model', type=int, default=256, help='decoder width')
-    g.add_argument('--nhead', type=int, default=8, help='attention heads')
-    g.add_argument('--num_layers', type=int, default=3, help='decoder layers')
-    g.add_argument('--dim_ff', type=int, default=1024, help='decoder feed-forward width')
-    g.add_argument('--dropout', type=float, default=0.1, help='decoder dropout')
-    g.add_argument('--output_stride', type=int, default=16, choices=(8, 16, 32), help='encoder output stride')
-    g.add_argument('--backbone_weights', default=None, metavar='PATH',
-                   help='local ImageNet state_dict of efficientnet_pytorch B0 (nothing is downloaded)')
-
-    g = p.add_argument_group('run')
-    g.add_argument('--out_dir', default='runs', help='checkpoints and logs go to <out_dir>/<train_on>/')
-    g.add_argument('--init_from', default=None, metavar='CKPT',
-                   help='start from this checkpoint\'s weights (vocab extended with the new domain\'s tokens)')
-    g.add_argument('--init_weights', default='auto', choices=('auto', 'model', 'teacher'),
-                   help='which weights of --init_from (auto: the teacher if it has one)')
-    g.add_argument('--resume', action='store_true',
-                   help='continue from <out_dir>/<train_on>/last.pt with its saved arguments')
-    g.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
-    prec = g.add_mutually_exclusive_group()
-    prec.add_argument('--fp16', action='store_true', help='CUDA autocast fp16 + GradScaler')
-    prec.add_argument('--bf16', action='store_true', help='autocast bfloat16 (CUDA or CPU)')
-    g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
-                   help='channels_last memory format for the encoder (None: on for fp32 on a CPU, where '
-                        'bench.py measured +14%%; off elsewhere until measured on a GPU)')
-    g.add_argument('--compile', action='store_true',
-                   help='torch.compile the model, one graph per (bucket size, batch size); meant for CUDA '
-                        '(on a CPU bench.py measured minutes of compilation per shape and a slower step)')
-    g.add_argument('--log_every', type=int, default=10, help='TensorBoard scalars every N steps')
-    g.add_argument('--dry_run', action='store_true',
-                   help='two training steps and a short validation, nothing saved')
-    args = p.parse_args(argv)
-    if args.unlabeled and not args.mean_teacher:
-        p.error('--unlabeled needs --mean_teacher (unlabeled images only enter the consistency cost)')
-    if args.augment is None:
-        args.augment = 1.0 if args.mean_teacher else 0.0
-    if args.dry_run:
-        args.val_max = min(args.val_max or 8, 8)
-    return args
-
-
-# resume restores the saved arguments except these, which only say how to run
-RUNTIME_ARGS = ('resume', 'workers', 'device', 'cache', 'log_every', 'dry_run')
+WARMUP = 0              # steps of linear lr warm-up (on top of the schedule)
+CTC_FRAMES = 4          # frames per image column of the auxiliary CTC head (with --ctc > 0)
 
 
 # -----------------------------------------------------------------------------
-# mean teacher pieces (Tarvainen & Valpola, "Mean teachers are better role models", NeurIPS 2017)
+# losses: the objective is a weighted sum of named parts, computed in `objective` alone
+
+def supervised_loss(logits, tgt_out, label_smoothing=0.0):
+    """Token-level cross entropy summed over non-pad tokens (computed in fp32).
+    logits: (B, T, V); tgt_out: (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=data.PAD,
+                           reduction='sum', label_smoothing=label_smoothing)
+
+
+def consistency_loss(student_logits, teacher_logits, mask, kind='kl'):
+    """Mean-teacher consistency cost (Tarvainen & Valpola, "Mean teachers are better role models",
+    NeurIPS 2017) between student and (detached) teacher predictions, summed over the tokens where
+    `mask` is True. kl: KL(teacher || student); mse: squared distance of the softmaxes.
+    student_logits, teacher_logits: (B, T, V); mask: (B, T) bool."""
+    s = student_logits.float()[mask]            # (N, V) real tokens only
+    t = teacher_logits.detach().float()[mask]   # (N, V)
+    if kind == 'kl':
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction='sum')
+    if kind == 'mse':
+        return ((F.softmax(s, -1) - F.softmax(t, -1)) ** 2).sum()
+    raise ValueError(f'unknown consistency type {kind!r}')
+
+
+def ctc_loss(log_probs, tgt_out):
+    """Auxiliary CTC loss (Graves et al. 2006) of the image columns' frames against the formula's tokens,
+    as in joint CTC-attention training (Kim, Hori & Watanabe, ICASSP 2017), summed over the batch
+    (computed in fp32). Blank = <pad>, which is never a target. A formula with more tokens than frames
+    cannot be aligned and adds 0 (zero_infinity).
+    log_probs: (T, B, V) from Im2LatexModel.ctc_log_probs; tgt_out: (B, L) tokens, <eos>, padding."""
+    keep = (tgt_out != data.PAD) & (tgt_out != data.EOS)              # (B, L) the formula's tokens
+    frames = torch.full((tgt_out.shape[0],), log_probs.shape[0], dtype=torch.long)
+    return F.ctc_loss(log_probs.float(), tgt_out[keep], frames, keep.sum(1), blank=data.PAD,
+                      reduction='sum', zero_infinity=True)
+
 
 def sigmoid_rampup(current, length):
     """Consistency ramp-up exp(-5 (1 - t/L)^2) of Laine & Aila (2017), used by the mean teacher;
@@ -140,6 +96,126 @@ def sigmoid_rampup(current, length):
     t = min(max(current, 0.0), length) / length
     return float(math.exp(-5.0 * (1.0 - t) ** 2))
 
+
+def loss_weights(args, progress):
+    """{part: weight} of the objective after `progress` epochs (fractional): CE 1; the auxiliary CTC loss
+    --ctc; with --mean_teacher the consistency cost ramped up to --consistency."""
+    weights = {'ce': 1.0, 'ctc': args.ctc}
+    if args.mean_teacher:
+        weights['consistency'] = args.consistency * sigmoid_rampup(progress, args.rampup)
+    return weights
+
+
+def objective(args, out, weights):
+    """The training objective of one micro-batch from its parts -> (total, {part: value}).
+
+    out (Trainer.forward): 'logits' (B, T, V) of the student, 'tgt_out' (B, T) targets, 'labeled',
+    'teacher_logits' (B, T, V) or None, 'ctc_log_probs' (T', B, V) or None, 'n_tok' (real target
+    tokens of the whole labeled batch).
+    Every part is a sum over tokens divided by one token count: the labeled batch's for a labeled
+    micro-batch (the accumulated gradient is then that of the batch's per-token mean), the micro-batch's
+    own for an unlabeled one. total = sum of weights[part] * part; the step back-propagates it and the
+    logger writes it and the parts. A new auxiliary loss is one more entry of `sums` (and its weight in
+    loss_weights)."""
+    mask = out['tgt_out'] != data.PAD                                 # (B, T) real tokens
+    norm = max(1, out['n_tok'] if out['labeled'] else int(mask.sum()))
+    sums = {}
+    if out['labeled']:          # unlabeled targets are the teacher's own guesses: no CE on them
+        sums['ce'] = supervised_loss(out['logits'], out['tgt_out'], args.label_smoothing)
+        if out['ctc_log_probs'] is not None:
+            sums['ctc'] = ctc_loss(out['ctc_log_probs'], out['tgt_out'])
+    if out['teacher_logits'] is not None:
+        sums['consistency'] = consistency_loss(out['logits'], out['teacher_logits'], mask,
+                                               args.consistency_type)
+    parts = {k: v / norm for k, v in sums.items()}
+    total = sum(weights[k] * v for k, v in parts.items())
+    return total, parts
+
+
+# -----------------------------------------------------------------------------
+# optimizer and learning-rate schedule: one function of the optimizer step, applied once per step
+
+def total_steps(args, steps_per_epoch):
+    """Optimizer steps of the whole run: --max_steps, else --epochs full epochs."""
+    return args.max_steps or max(1, args.epochs * steps_per_epoch)
+
+
+def lr_schedule(args, step, steps_per_epoch):
+    """(lr, SGD momentum or None) for optimizer step `step` (0-based). The one place the schedule lives:
+    SGD follows OneCycle over the whole run; Adam decays the lr by --gamma after every epoch. Both are
+    scaled by a linear warm-up over the first --warmup steps (Vaswani et al. 2017; Adam's early steps
+    are the noisiest, and OneCycle's own rise starts at initlr/25)."""
+    warm = min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else 1.0
+    if args.Adam:
+        return warm * args.initlr * args.gamma ** (step // steps_per_epoch), None
+    lr, momentum = one_cycle(step, total_steps(args, steps_per_epoch), args.initlr,
+                             max_momentum=max(args.momentum, 0.85), base_momentum=0.85)
+    return warm * lr, momentum
+
+
+def one_cycle(step, total_steps, max_lr, max_momentum, base_momentum, pct_start=0.3, div_factor=25.0,
+              final_div_factor=1e4):
+    """OneCycle (Smith & Topin, "Super-convergence", 2019) with cosine phases, the values of torch's
+    OneCycleLR: the lr rises from max_lr / div_factor to max_lr over the first pct_start of the steps,
+    then falls to max_lr / div_factor / final_div_factor; the momentum moves the opposite way between
+    max_momentum and base_momentum. -> (lr, momentum)."""
+    def cos(start, end, pct):
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+    low = max_lr / div_factor
+    phases = [(float(pct_start * total_steps) - 1, low, max_lr, max_momentum, base_momentum),
+              (total_steps - 1, max_lr, low / final_div_factor, base_momentum, max_momentum)]
+    step, start = min(step, total_steps), 0.0
+    for i, (end, lr0, lr1, m0, m1) in enumerate(phases):
+        if step <= end or i == len(phases) - 1:
+            pct = (step - start) / (end - start)
+            return cos(lr0, lr1, pct), cos(m0, m1, pct)
+        start = end
+
+
+class StepSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """Sets every param group's lr (and momentum) to fn(step) -> (lr, momentum or None) on each step().
+    Its state is the step count alone (`last_epoch` in torch's naming)."""
+
+    def __init__(self, optimizer, fn):
+        self.fn = fn
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        lr, momentum = self.fn(self.last_epoch)
+        if momentum is not None:
+            for group in self.optimizer.param_groups:
+                group['momentum'] = momentum
+        return [lr] * len(self.optimizer.param_groups)
+
+    def state_dict(self):
+        return {k: v for k, v in super().state_dict().items() if k != 'fn'}
+
+    def go_to(self, step):
+        """Continue at optimizer step `step` (a resume)."""
+        self.last_epoch = step
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group['lr'] = lr
+        self._last_lr = [group['lr'] for group in self.optimizer.param_groups]
+
+
+def make_scheduler(args, optimizer, steps_per_epoch):
+    """The run's schedule (lr_schedule), stepped once after every optimizer step."""
+    return StepSchedule(optimizer, lambda step: lr_schedule(args, step, steps_per_epoch))
+
+
+def make_optimizer(args, model):
+    """SGD (Nesterov momentum) or Adam; no weight decay on biases and norm/BN weights (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{'params': decay, 'weight_decay': args.weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    if args.Adam:
+        return torch.optim.Adam(groups, lr=args.initlr)
+    return torch.optim.SGD(groups, lr=args.initlr, momentum=args.momentum, nesterov=True)
+
+
+# -----------------------------------------------------------------------------
+# mean teacher: the teacher is an exponential moving average of the student (Tarvainen & Valpola 2017)
 
 @torch.no_grad()
 def update_ema(teacher, student, decay, step):
@@ -165,28 +241,18 @@ def ema_horizon_note(decay, total_steps):
             + (f'; for a run this short use --ema_decay {fits[0]}' if fits else ''))
 
 
-def consistency_loss(student_logits, teacher_logits, mask, kind='kl'):
-    """Per-token consistency cost between student and (detached) teacher predictions, summed over the
-    tokens where `mask` is True. kl: KL(teacher || student); mse: squared distance of the softmaxes.
-    student_logits, teacher_logits: (B, T, V); mask: (B, T) bool."""
-    s = student_logits.float()[mask]            # (N, V) real tokens only
-    t = teacher_logits.detach().float()[mask]   # (N, V)
-    if kind == 'kl':
-        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction='sum')
-    if kind == 'mse':
-        return ((F.softmax(s, -1) - F.softmax(t, -1)) ** 2).sum()
-    raise ValueError(f'unknown consistency type {kind!r}')
-
-
-def supervised_loss(logits, tgt_out, label_smoothing=0.0):
-    """Token-level cross entropy summed over non-pad tokens (computed in fp32).
-    logits: (B, T, V); tgt_out: (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=data.PAD,
-                           reduction='sum', label_smoothing=label_smoothing)
+def make_teacher(model, state=None):
+    """A frozen copy of the model (with `state`'s weights when given) for the EMA."""
+    teacher = copy.deepcopy(model)
+    if state is not None:
+        teacher.load_state_dict(state)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 # -----------------------------------------------------------------------------
-# setup helpers
+# distributed helpers (torchrun / DDP) and a graceful Ctrl-C
 
 def setup_distributed(args):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process."""
@@ -200,84 +266,35 @@ def setup_distributed(args):
     return rank, world, local_rank
 
 
-def amp_settings(args, device, log):
-    """-> (autocast dtype or None, GradScaler enabled): fp16 autocast needs the scaler, bf16 does not."""
-    dtype = evaluation.pick_amp(args, device, doing='training', log=log)
-    return dtype, dtype == torch.float16
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def rng_state():
-    """All RNG states as tensors and plain values, so checkpoints load with torch.load(weights_only=True)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {'torch': torch.get_rng_state(),
-             'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-                       'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
-             'python': {'version': version, 'internal': list(internal), 'gauss_next': gauss_next}}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
-    p = state['python']
-    random.setstate((p['version'], tuple(p['internal']), p['gauss_next']))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def make_optimizer(args, model):
-    """SGD (Nesterov momentum) or Adam; no weight decay on biases and norm/BN weights (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{'params': decay, 'weight_decay': args.weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-    if args.Adam:
-        return torch.optim.Adam(groups, lr=args.initlr)
-    return torch.optim.SGD(groups, lr=args.initlr, momentum=args.momentum, nesterov=True)
-
-
-def make_scheduler(args, optimizer, steps_per_epoch):
-    """SGD: OneCycleLR over the whole run, stepped every batch (starts at initlr/25, peaks at initlr after
-    30% of the steps, anneals to initlr/25/1e4). Adam: ExponentialLR, stepped after every epoch."""
-    if args.Adam:
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.gamma)
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.initlr, total_steps=max(1, args.epochs * steps_per_epoch),
-        base_momentum=0.85, max_momentum=max(args.momentum, 0.85))
-
-
-def model_hparams(args, vocab_size):
-    return dict(vocab_size=vocab_size, d_model=args.d_model, nhead=args.nhead, num_layers=args.num_layers,
-                dim_ff=args.dim_ff, dropout=args.dropout, max_len=max(512, args.max_len + 2),
-                output_stride=args.output_stride, backbone_weights=args.backbone_weights)
-
-
-def ensure_demo_data(args, rank, log):
-    """The default root is the demo data: render it on first use (rank 0; the others wait)."""
-    if os.path.normpath(args.root_dir) != os.path.normpath(data.DEFAULT_ROOT):
-        return
-    if os.path.exists(data.label_path(args.root_dir, args.train_on, 'train')):
-        return
-    if rank == 0:
-        import render
-        log(f'no demo data in {args.root_dir}: rendering it now (python3 render.py --root_dir {args.root_dir})')
-        render.write_demo(args.root_dir, seed=0)
-    barrier()
-
-
 def barrier():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _dist_device():
+    return torch.device('cuda', torch.cuda.current_device()) \
+        if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
+
+
+def any_rank(flag, world):
+    """True if `flag` is true on any rank (one all-reduce when world > 1)."""
+    if world > 1:
+        t = torch.tensor([float(flag)], device=_dist_device())
+        torch.distributed.all_reduce(t)
+        return bool(t.item() > 0)
+    return bool(flag)
+
+
+def all_ranks_have_data(micro, world):
+    """False when this batch is empty on any rank (every image of it failed to decode after the size
+    scan, e.g. a truncated BMP or TIFF: only PNGs are checked end to end). All ranks then skip the step
+    together: a rank without a backward would leave the others waiting in DDP's gradient all-reduce."""
+    return not any_rank(not micro, world)
+
+
+def unwrap(model):
+    model = getattr(model, 'module', model)            # DDP
+    return getattr(model, '_orig_mod', model)          # torch.compile
 
 
 class StopRequested(Exception):
@@ -314,187 +331,576 @@ class GracefulStop:
             raise StopRequested
 
 
-def _dist_device():
-    return torch.device('cuda', torch.cuda.current_device()) \
-        if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
-
-
-def any_rank(flag, world):
-    """True if `flag` is true on any rank (one all-reduce when world > 1)."""
-    if world > 1:
-        t = torch.tensor([float(flag)], device=_dist_device())
-        torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
-    return bool(flag)
-
-
-def all_ranks_have_data(micro, world):
-    """False when this batch is empty on any rank (every image of it failed to decode after the size
-    scan, e.g. a truncated BMP or TIFF: only PNGs are checked end to end). All ranks then skip the step
-    together: a rank without a backward would leave the others waiting in DDP's gradient all-reduce."""
-    return not any_rank(not micro, world)
-
-
 # -----------------------------------------------------------------------------
-# checkpoints
+# the checkpoint dict: what a resume or an evaluation needs, as state_dicts and plain values
 
-def checkpoint_dict(args, model, teacher, optimizer, scheduler, scaler, vocab, state):
-    """Everything a resume or an evaluation needs: state_dicts and plain values, never whole models."""
+def checkpoint_dict(run):
+    """The Trainer `run`'s checkpoint: weights, optimizer and schedule state, counters, vocab, model
+    hyperparameters, arguments and RNG states; tensors and plain values only, never whole models."""
+    model, state = unwrap(run.model), run.state
     return {
-        'format_version': CKPT_FORMAT,
-        'model': unwrap(model).state_dict(),
-        'teacher': teacher.state_dict() if teacher is not None else None,
-        'optimizer': optimizer.state_dict(),
-        'scheduler': scheduler.state_dict(),
-        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+        'format_version': checkpoint.FORMAT_VERSION,
+        'model': model.state_dict(),
+        'teacher': run.teacher.state_dict() if run.teacher is not None else None,
+        'optimizer': run.optimizer.state_dict(),
+        'scheduler': run.scheduler.state_dict(),
+        'scaler': run.scaler.state_dict() if run.scaler.is_enabled() else None,
         'epoch': state['epoch'], 'step': state['step'], 'batch_in_epoch': state['batch_in_epoch'],
         'best_metric': state['best_metric'], 'skipped_steps': state['skipped_steps'],
-        'vocab': vocab.itos, 'hparams': unwrap(model).hparams, 'args': vars(args),
-        'train_on': args.train_on, 'rng': rng_state(),
+        'vocab': run.vocab.itos, 'hparams': model.hparams, 'args': vars(run.args),
+        'train_on': run.args.train_on, 'rng': rng_state(),
     }
 
 
-def unwrap(model):
-    model = getattr(model, 'module', model)            # DDP
-    return getattr(model, '_orig_mod', model)          # torch.compile
+def restore(run, ckpt):
+    """Continue the Trainer `run` from checkpoint_dict `ckpt` (model and teacher weights are loaded where
+    they are built). The schedule is a function of the step, so it goes to the saved step; this also
+    reads checkpoints written before the per-step schedule, whose 'scheduler' entry was a per-batch
+    OneCycleLR (SGD) or a per-epoch ExponentialLR (Adam) state."""
+    run.optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler') and run.scaler.is_enabled():
+        run.scaler.load_state_dict(ckpt['scaler'])
+    for k in run.state:
+        run.state[k] = ckpt.get(k, run.state[k])
+    run.scheduler.go_to(run.state['step'])
+    if {'gamma', 'total_steps'} & set(ckpt.get('scheduler') or {}):
+        run.log(f'(converted the older checkpoint\'s {"Adam per-epoch" if run.args.Adam else "OneCycle"} '
+                f'scheduler state to the per-step schedule at step {run.state["step"]})')
+    set_rng_state(ckpt['rng'])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """All RNG states as tensors and plain values, so checkpoints load with torch.load(weights_only=True)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {'torch': torch.get_rng_state(),
+             'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                       'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+             'python': {'version': version, 'internal': list(internal), 'gauss_next': gauss_next}}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    p = state['python']
+    random.setstate((p['version'], tuple(p['internal']), p['gauss_next']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 # -----------------------------------------------------------------------------
-# training and validation
+# the Trainer: a run's pieces in one object; one step, one epoch, validation, saving, the epoch loop
 
-def train_one_epoch(args, model, teacher, loader, sampler, unlabeled, optimizer, scheduler, scaler,
-                    amp_dtype, device, state, steps_per_epoch, writer, log, is_main, stop, world):
-    """One pass over the training batches (train_step on each). Returns the mean CE per token.
-    Updates `state` (step, batch_in_epoch, skipped_steps) in place."""
-    model.train()
-    if teacher is not None:
-        teacher.train()       # teacher noise (dropout, BN batch statistics) as in the reference
-    epoch = state['epoch']
-    sampler.set_epoch(epoch, skip_batches=state['batch_in_epoch'])
-    pbar = tqdm(loader, total=steps_per_epoch, initial=state['batch_in_epoch'], disable=not is_main,
-                desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True, leave=False)
-    sum_loss, sum_tok, t0, seen = 0.0, 0, time.time(), 0
-    for micro in pbar:
-        frac_epoch = epoch + state['batch_in_epoch'] / max(1, steps_per_epoch)
-        w = args.consistency * sigmoid_rampup(frac_epoch, args.rampup) if teacher is not None else 0.0
-        if all_ranks_have_data(micro, world):
-            u_mb = next(unlabeled) if unlabeled is not None else None
-            out = train_step(args, model, teacher, micro, u_mb, optimizer, scaler, amp_dtype, device,
-                             state['step'], w)
+def new_counters():
+    return {'epoch': 0, 'step': 0, 'batch_in_epoch': 0, 'best_metric': -1.0, 'skipped_steps': 0}
+
+
+@dataclasses.dataclass
+class Trainer:
+    """One training run. `model` is the module the step runs (torch.compile'd and/or DDP-wrapped;
+    unwrap(model) is the plain model that is saved and averaged into the teacher). `state` holds the
+    counters that a checkpoint saves (and, after validation, 'val_metrics')."""
+    args: argparse.Namespace
+    model: torch.nn.Module
+    teacher: Optional[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: Optional[StepSchedule]
+    scaler: torch.amp.GradScaler
+    amp_dtype: Optional[torch.dtype]
+    device: torch.device
+    vocab: Optional[data.Vocab] = None
+    steps_per_epoch: int = 1
+    run_dir: str = ''
+    rank: int = 0
+    world: int = 1
+    log: Callable = print
+    writer: Any = None
+    state: dict = dataclasses.field(default_factory=new_counters)
+    started: float = dataclasses.field(default_factory=time.time)    # for --max_minutes and the history
+
+    # ---- one optimizer step
+
+    def progress(self):
+        """Epochs done, fractional (the consistency ramp-up's clock)."""
+        return self.state['epoch'] + self.state['batch_in_epoch'] / max(1, self.steps_per_epoch)
+
+    def step(self, micro, unlabeled):
+        """One loader batch: an optimizer step (every rank skips it together when some rank's batch has
+        no readable image, or when the gradient is not finite), then the schedule and the counters.
+        -> train_step's dict plus the loss weights used."""
+        weights = loss_weights(self.args, self.progress())
+        if all_ranks_have_data(micro, self.world):
+            out = self.train_step(micro, next(unlabeled) if unlabeled is not None else None, weights)
             why = 'non-finite loss/gradient'
         else:
-            out = {'ce': 0.0, 'n_tok': 0, 'cons': 0.0, 'grad_norm': 0.0, 'skipped': True, 'n_images': 0}
+            out = {'loss': 0.0, 'parts': {}, 'n_tok': 0, 'grad_norm': 0.0, 'skipped': True, 'n_images': 0}
             why = 'no readable image in the batch (on some process)'
+        out['weights'] = weights
         if out['skipped']:
-            state['skipped_steps'] += 1
-            log(f'step {state["step"]}: {why}, step skipped ({state["skipped_steps"]} so far)')
-        if not args.Adam:
-            scheduler.step()
-        state['step'] += 1
-        state['batch_in_epoch'] += 1
-        ce_tok = out['ce'] / max(1, out['n_tok'])
-        if math.isfinite(out['ce']):
-            sum_loss += out['ce']
-            sum_tok += out['n_tok']
-        seen += out['n_images']
-        ips = seen / max(1e-9, time.time() - t0)
-        lr = optimizer.param_groups[0]['lr']
-        if is_main:
-            pbar.set_postfix(loss=f'{ce_tok:.3f}', lr=f'{lr:.2e}', img_s=f'{ips:.1f}')
-        if writer is not None and state['step'] % args.log_every == 0:
-            s = state['step']
-            writer.add_scalar('train/loss', ce_tok + w * out['cons'], s)
-            writer.add_scalar('train/ce', ce_tok, s)
-            writer.add_scalar('train/lr', lr, s)
-            writer.add_scalar('train/grad_norm', out['grad_norm'], s)
-            writer.add_scalar('train/skipped_steps', state['skipped_steps'], s)
-            writer.add_scalar('train/images_per_s', ips, s)
-            if teacher is not None:
-                writer.add_scalar('train/consistency', out['cons'], s)
-                writer.add_scalar('train/consistency_weight', w, s)
-        if args.dry_run and state['batch_in_epoch'] >= 2:
-            break
-        stop.check(world)
-    pbar.close()
-    return sum_loss / max(1, sum_tok)
+            self.state['skipped_steps'] += 1
+            self.log(f'step {self.state["step"]}: {why}, step skipped ({self.state["skipped_steps"]} so far)')
+        self.scheduler.step()
+        self.state['step'] += 1
+        self.state['batch_in_epoch'] += 1
+        return out
+
+    def train_step(self, micro, unlabeled_mb=None, weights=None):
+        """One optimizer step on a batch = a list of same-size micro-batches (one with bucketed batches),
+        plus an unlabeled micro-batch for the consistency cost. Gradients are accumulated over the
+        micro-batches (DDP syncs on the last backward only). Order: backward of the scaled loss,
+        unscale, clip once, step (skipped when the gradient is not finite, so a NaN never reaches the
+        weights or the teacher), scaler update, EMA. weights: loss_weights' dict (default: this point
+        of the run). -> {'loss': objective, 'parts': {part: value}, 'n_tok', 'grad_norm', 'skipped',
+        'n_images'}, summed over the micro-batches."""
+        weights = weights or loss_weights(self.args, self.progress())
+        n_tok = sum(int((mb['tgt'][:, 1:] != data.PAD).sum()) for mb in micro)
+        batches = [(mb, True) for mb in micro] + ([(unlabeled_mb, False)] if unlabeled_mb is not None else [])
+        loss_sum, parts_sum = 0.0, {}
+        for i, (mb, labeled) in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, 'no_sync') else self.model.no_sync()
+            with sync:
+                loss, parts = objective(self.args, dict(self.forward(mb, labeled), n_tok=n_tok), weights)
+                self.scaler.scale(loss).backward()
+            values = torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).tolist()  # one sync
+            loss_sum += values[0]
+            for k, v in zip(parts, values[1:]):
+                parts_sum[k] = parts_sum.get(k, 0.0) + v
+        grad_norm, skipped = self.apply_gradients()
+        return {'loss': loss_sum, 'parts': parts_sum, 'n_tok': n_tok, 'grad_norm': grad_norm,
+                'skipped': skipped, 'n_images': sum(mb['images'].shape[0] for mb in micro)}
+
+    def apply_gradients(self):
+        """Unscale, clip, optimizer step unless the gradient is not finite, EMA. -> (grad norm, skipped)."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.args.clip if self.args.clip > 0 else float('inf')
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+        skipped = not bool(torch.isfinite(gnorm))
+        if not skipped:
+            self.scaler.step(self.optimizer)
+            if self.teacher is not None:
+                update_ema(self.teacher, unwrap(self.model), self.args.ema_decay, self.state['step'])
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(gnorm), skipped
+
+    def forward(self, mb, labeled):
+        """Student (and teacher) logits of one micro-batch: objective's `out` (less n_tok). Student and
+        teacher read the same decoder input: the gold tokens of labeled images, the teacher's greedy
+        output for unlabeled ones."""
+        if labeled:
+            tgt = mb['tgt'].to(self.device, non_blocking=True)
+        else:
+            tgt = self.pseudo_labels(self.put(mb['images2']))
+        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]          # (B, T-1) each: <sos> a b | a b <eos>
+        # no padding mask: padding is trailing, so the causal mask already hides it from every real token
+        # (and the fused attention kernels stay available)
+        ctc = labeled and unwrap(self.model).ctc_head is not None
+        with amp_context(self.device, self.amp_dtype):
+            out = self.model(self.put(mb['images']), tgt_in, ctc=ctc)    # (B, T-1, V) [, (T', B, V)]
+        logits, ctc_log_probs = out if ctc else (out, None)
+        t_logits = None
+        if self.teacher is not None:
+            with torch.no_grad(), amp_context(self.device, self.amp_dtype):
+                t_logits = self.teacher(self.put(mb['images2']), tgt_in)
+        return {'logits': logits, 'teacher_logits': t_logits, 'ctc_log_probs': ctc_log_probs, 'tgt_out': tgt_out,
+                'labeled': labeled}
+
+    def put(self, images):
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.args.channels_last else images
+
+    @torch.no_grad()
+    def pseudo_labels(self, images):
+        """Teacher's greedy transcription of unlabeled images as a PAD-padded [SOS] .. [EOS] batch (B, T)."""
+        with eval_mode(self.teacher), amp_context(self.device, self.amp_dtype):
+            seqs, _ = self.teacher.greedy(images, max_len=self.args.max_len)
+        T = max(len(s) for s in seqs) + 2
+        tgt = torch.full((len(seqs), T), data.PAD, dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            tgt[i, :len(s) + 2] = torch.tensor([data.SOS] + list(s) + [data.EOS], dtype=torch.long)
+        return tgt
+
+    # ---- one epoch
+
+    def train_epoch(self, d, stop):
+        """One pass over the training batches of TrainData `d` (from state['batch_in_epoch'] on after a
+        resume). -> the epoch's mean CE per token."""
+        args, state = self.args, self.state
+        self.model.train()
+        if self.teacher is not None:
+            self.teacher.train()       # teacher noise (dropout, BN batch statistics) as in the reference
+        d.train_sampler.set_epoch(state['epoch'], skip_batches=state['batch_in_epoch'])
+        pbar = tqdm(d.train_loader, total=self.steps_per_epoch, initial=state['batch_in_epoch'],
+                    disable=self.rank != 0, desc=f'epoch {state["epoch"] + 1}/{args.epochs}',
+                    dynamic_ncols=True, leave=False)
+        ce_sum, n_tok, seen, t0 = 0.0, 0, 0, time.time()
+        for micro in pbar:
+            out = self.step(micro, d.unlabeled)
+            ce = out['parts'].get('ce', 0.0)
+            if math.isfinite(ce):
+                ce_sum += ce * out['n_tok']
+                n_tok += out['n_tok']
+            seen += out['n_images']
+            self.log_step(out, pbar, seen / max(1e-9, time.time() - t0))
+            if args.dry_run and state['batch_in_epoch'] >= 2 or self.budget_spent():
+                break
+            stop.check(self.world)
+        pbar.close()
+        return ce_sum / max(1, n_tok)
+
+    def budget_spent(self):
+        """--max_steps reached, or --max_minutes of this process's training passed (agreed by all ranks)."""
+        if self.args.max_steps and self.state['step'] >= self.args.max_steps:
+            return True
+        late = bool(self.args.max_minutes) and time.time() - self.started > 60.0 * self.args.max_minutes
+        return any_rank(late, self.world) if self.args.max_minutes else False
+
+    def log_step(self, out, pbar, images_per_s):
+        """Progress bar; every --log_every steps the objective, its parts and weights to TensorBoard."""
+        lr = self.optimizer.param_groups[0]['lr']
+        ce = out['parts'].get('ce', 0.0)
+        if self.rank == 0:
+            pbar.set_postfix(loss=f'{ce:.3f}', lr=f'{lr:.2e}', img_s=f'{images_per_s:.1f}')
+        s = self.state['step']
+        if self.writer is None or s % self.args.log_every:
+            return
+        scalars = {'loss': out['loss'], 'lr': lr, 'grad_norm': out['grad_norm'],
+                   'skipped_steps': self.state['skipped_steps'], 'images_per_s': images_per_s}
+        for part, w in out['weights'].items():
+            scalars[part] = out['parts'].get(part, 0.0)
+            if part != 'ce':                                   # CE's weight is always 1
+                scalars[f'{part}_weight'] = w
+        for k, v in scalars.items():
+            self.writer.add_scalar(f'train/{k}', v, s)
+        self.history(dict(step=s, epoch=round(self.progress(), 4), **scalars,
+                          elapsed_s=round(time.time() - self.started, 2)))
+
+    def history(self, row):
+        """Rank 0: append one JSON line to run_dir/history.jsonl (training rows every --log_every steps,
+        one 'val' row per validation): the curves as plain data, for bench.py --learn and plots."""
+        if self.rank != 0 or self.args.dry_run:
+            return
+        with open(os.path.join(self.run_dir, 'history.jsonl'), 'a', encoding='utf-8') as f:
+            f.write(json.dumps(row) + '\n')
+
+    # ---- validation, saving, the epoch loop
+
+    def validate(self, loader):
+        """Greedy-decode this rank's shard of the val split with the teacher (--mean_teacher) or the
+        model; the metrics over all ranks. -> (metrics, records sorted by index)."""
+        evaluated = self.teacher if self.teacher is not None else unwrap(self.model)
+        records = transformer.decode_dataset(evaluated, loader, self.vocab, beam=1, max_len=self.args.max_len,
+                                             amp_dtype=self.amp_dtype, device=self.device, progress=False)
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        records.sort(key=lambda r: r['index'])
+        golds = [r['gold'] for r in records]
+        preds = [r['pred'] for r in records]
+        return compute_metrics(golds, preds), records
+
+    def save(self, *names):
+        """Write the checkpoint to each of run_dir/<name>. -> the first path."""
+        ckpt = checkpoint_dict(self)
+        paths = [os.path.join(self.run_dir, name) for name in names]
+        for path in paths:
+            checkpoint.save(path, ckpt)
+        return paths[0]
+
+    def end_epoch(self, train_loss, metrics, records, val_set, seconds):
+        """Count the epoch, keep the best BLEU-4, and on rank 0 log, write TensorBoard, save last.pt
+        (and best.pt)."""
+        state = self.state
+        state['epoch'] += 1
+        state['batch_in_epoch'] = 0
+        state['val_metrics'] = metrics
+        best = metrics['bleu4'] > state['best_metric']
+        if best:
+            state['best_metric'] = metrics['bleu4']
+        if self.rank != 0:
+            return
+        who = 'teacher ' if self.teacher is not None else ''
+        self.log(f'epoch {state["epoch"]}/{self.args.epochs} | train loss {train_loss:.4f} | {who}val '
+                 f'bleu4 {metrics["bleu4"]:.2f} edit_acc {metrics["edit_accuracy"]:.4f} '
+                 f'exact {metrics["exact_match"]:.4f} | {seconds:.0f} s'
+                 + (f' | skipped steps {state["skipped_steps"]}' if state['skipped_steps'] else ''))
+        self.history({'step': state['step'], 'epoch': state['epoch'], 'val': metrics})
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f'val/{k}', v, state['step'])
+            log_val_samples(self.writer, val_set, records, state['step'])
+            self.writer.flush()
+        if not self.args.dry_run:
+            path = self.save('last.pt', 'best.pt') if best else self.save('last.pt')
+            self.log(f'  saved {path}' + (' and best.pt' if best else ''))
+
+    def fit(self, d, stop):
+        """The epoch loop over TrainData `d`: train, validate, save; on a stop request save last.pt
+        (rank 0) and raise StopRequested. -> state."""
+        while self.state['epoch'] < self.args.epochs:
+            t0 = time.time()
+            try:
+                train_loss = self.train_epoch(d, stop)
+            except StopRequested:
+                if self.rank == 0 and not self.args.dry_run:
+                    path = self.save('last.pt')
+                    self.log(f'interrupted: saved {path} at step {self.state["step"]}; continue with --resume')
+                raise
+            metrics, records = self.validate(d.val_loader)
+            self.end_epoch(train_loss, metrics, records, d.val_set, time.time() - t0)
+            if self.args.dry_run or self.budget_spent():
+                break
+        return self.state
+
+    def open_logs(self, d, init_note=''):
+        """Rank 0: the run folder, args.json, TensorBoard, and what this run is in a few lines."""
+        if self.rank != 0:
+            return
+        args = self.args
+        os.makedirs(self.run_dir, exist_ok=True)
+        if not args.dry_run:
+            write_json(os.path.join(self.run_dir, 'args.json'), vars(args))
+            if not args.resume and os.path.exists(os.path.join(self.run_dir, 'history.jsonl')):
+                os.remove(os.path.join(self.run_dir, 'history.jsonl'))   # a new run, a new history
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(self.run_dir, 'tb'))
+        n_params = sum(p.numel() for p in unwrap(self.model).parameters())
+        self.log(f'{args.train_on}: {len(d.train_set.names)} train / {len(d.val_set.names)} val images from '
+                 f'{args.root_dir}; vocab {len(self.vocab)}; {n_params / 1e6:.2f}M parameters; '
+                 f'{self.steps_per_epoch} steps/epoch x {self.world} process(es) on {self.device}'
+                 + (f'; autocast {self.amp_dtype}' if self.amp_dtype else '')
+                 + (f'; mean teacher (ema {args.ema_decay}, {args.consistency_type} x {args.consistency})'
+                    if self.teacher is not None else ''))
+        if init_note:
+            self.log(init_note)
+        if self.teacher is not None:
+            note = ema_horizon_note(args.ema_decay, self.steps_per_epoch * args.epochs)
+            if note:
+                self.log(note)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
 
 
-def train_step(args, model, teacher, micro, unlabeled_mb, optimizer, scaler, amp_dtype, device, step, w):
-    """One optimizer step on a batch = a list of same-size micro-batches (one with bucketed batches),
-    plus an unlabeled micro-batch for the consistency cost. Gradients are accumulated over the
-    micro-batches (DDP syncs on the last backward only); CE is normalised by the batch's token count.
-    Order (REFERENCES.md): backward of the scaled loss, unscale, clip once, step (skipped when the
-    gradient is not finite, so a NaN never reaches the weights or the teacher), scaler update, EMA.
-    -> {'ce': summed CE, 'n_tok', 'cons': mean consistency cost per token, 'grad_norm', 'skipped',
-        'n_images'}"""
-    n_tok = sum(int((mb['tgt'][:, 1:] != data.PAD).sum()) for mb in micro)
-    parts = [('labeled', mb) for mb in micro]
-    if unlabeled_mb is not None:
-        parts.append(('unlabeled', unlabeled_mb))
-    ce_sum = cons_sum = 0.0
-    for i, (kind, mb) in enumerate(parts):
-        last = i == len(parts) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync()
-        with sync:
-            ce, (cons, cons_tok) = step_losses(args, model, teacher, kind, mb, amp_dtype, device)
-            norm = max(1, n_tok if kind == 'labeled' else cons_tok)
-            loss = (ce / max(1, n_tok) if ce is not None else 0.0) + w * cons / norm
-            scaler.scale(loss).backward()
-        ce_sum += float(ce.detach()) if ce is not None else 0.0
-        cons_sum += float(cons.detach()) / norm
-    scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float('inf'))
-    skipped = not bool(torch.isfinite(gnorm))
-    if not skipped:
-        scaler.step(optimizer)
-        if teacher is not None:
-            update_ema(teacher, unwrap(model), args.ema_decay, step)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return {'ce': ce_sum, 'n_tok': n_tok, 'cons': cons_sum, 'grad_norm': float(gnorm), 'skipped': skipped,
-            'n_images': sum(mb['images'].shape[0] for mb in micro)}
+def log_val_samples(writer, dataset, records, step, n=4):
+    for r in records[:n]:
+        img = dataset[r['index']]['image']                                # (1, H, W), ink = 1
+        writer.add_image(f'val/{r["index"]}', 1.0 - img, step)
+        writer.add_text(f'val/{r["index"]}', f'gold: `{data.detokenize(r["gold"])}`  \n'
+                                              f'pred: `{data.detokenize(r["pred"])}`', step)
 
 
-def step_losses(args, model, teacher, kind, mb, amp_dtype, device):
-    """Forward one micro-batch. -> (CE summed over tokens or None, (consistency sum, token count)).
-    Student and teacher read the same decoder input: the gold tokens for labeled images, the teacher's
-    greedy output for unlabeled ones (which have no CE term)."""
-    def put(images):
-        images = images.to(device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
+# -----------------------------------------------------------------------------
+# command line and main: build the data, build or restore the model, run the loop
 
-    if kind == 'labeled':
-        tgt = mb['tgt'].to(device, non_blocking=True)
-    else:
-        tgt = teacher_pseudo_labels(args, teacher, put(mb['images2']), amp_dtype, device)
-    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]          # (B, T-1) each: <sos> a b | a b <eos>
-    # no padding mask: padding is trailing, so the causal mask already hides it from every real token
-    # (and the fused attention kernels stay available)
-    with evaluation.amp_context(device, amp_dtype):
-        logits = model(put(mb['images']), tgt_in)     # (B, T-1, V)
-    ce = supervised_loss(logits, tgt_out, args.label_smoothing) if kind == 'labeled' else None
-    if teacher is None:
-        return ce, (torch.zeros((), device=device), 0)
-    with torch.no_grad(), evaluation.amp_context(device, amp_dtype):
-        t_logits = teacher(put(mb['images2']), tgt_in)
-    mask = tgt_out != data.PAD
-    return ce, (consistency_loss(logits, t_logits, mask, args.consistency_type), int(mask.sum()))
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('data')
+    g.add_argument('--root_dir', default=data.DEFAULT_ROOT,
+                   help='data root in the layout of docs/formats.md; the default demo root is rendered if missing')
+    g.add_argument('--train_on', default='openai', choices=data.DOMAINS, help='domain to train on')
+    g.add_argument('--cache', action='store_true', help='use/build <root_dir>/.cache of decoded images')
+    g.add_argument('--batchsz', type=int, default=BATCHSZ, help='images per optimizer step (per process)')
+    g.add_argument('--split_batch', action='store_true',
+                   help='random mixed-size batches, split into same-size micro-batches (gradient accumulation) '
+                        'instead of size-bucketed batches')
+    g.add_argument('--unlabeled', default=None, metavar='DIR',
+                   help='folder of unlabeled target-domain images for the consistency cost (needs --mean_teacher)')
+    g.add_argument('--workers', type=int, default=-1, help='DataLoader workers (-1: 0 on CPU, 4 on CUDA)')
+    g.add_argument('--max_len', type=int, default=MAX_LEN,
+                   help='formulas with more tokens are skipped in training; decoding stops here')
+    g.add_argument('--augment', type=float, default=None,
+                   help='augmentation strength, 0 = off (None: 1 with --mean_teacher, else 0)')
+    g.add_argument('--val_max', type=int, default=0, help='validate on at most this many samples (0 = all)')
+
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=EPOCHS, help='number of epochs')
+    g.add_argument('--max_steps', type=int, default=0,
+                   help='train exactly this many optimizer steps (sets the epoch count; the last epoch may be '
+                        'partial; the schedule spans these steps). 0: --epochs decides')
+    g.add_argument('--max_minutes', type=float, default=0.0,
+                   help='stop at the first step boundary after this many minutes of this run (then validate and '
+                        'save as at an epoch end). 0: no time limit')
+    g.add_argument('--warmup', type=int, default=WARMUP, help='steps of linear lr warm-up (0: none)')
+    g.add_argument('--initlr', type=float, default=INITLR,
+                   help='peak lr of OneCycle (SGD) or initial lr (Adam)')
+    g.add_argument('--Adam', action='store_true', help='Adam + exponential lr decay instead of SGD + OneCycle')
+    g.add_argument('--gamma', type=float, default=ADAM_GAMMA, help='Adam: lr decay factor per epoch')
+    g.add_argument('--momentum', type=float, default=MOMENTUM, help='SGD momentum (max of the OneCycle cycle)')
+    g.add_argument('--weight_decay', type=float, default=WEIGHT_DECAY,
+                   help='weight decay (not applied to biases and norm weights)')
+    g.add_argument('--clip', type=float, default=CLIP, help='clip the global grad norm (0 = off)')
+    g.add_argument('--label_smoothing', type=float, default=0.0, help='label smoothing of the CE loss')
+    g.add_argument('--ctc', type=float, default=0.0,
+                   help='weight of the auxiliary CTC loss over the image columns (joint CTC-attention, Kim et al. '
+                        '2017; builds the CTC head of a new model). 0: off')
+    g.add_argument('--seed', type=int, default=0, help='random seed')
+
+    g = p.add_argument_group('mean teacher (Tarvainen & Valpola 2017)')
+    g.add_argument('--mean_teacher', action='store_true', help='train with an EMA teacher and a consistency cost')
+    g.add_argument('--ema_decay', type=float, default=EMA_DECAY, help='EMA decay of the teacher')
+    g.add_argument('--consistency', type=float, default=CONSISTENCY, help='consistency weight after ramp-up')
+    g.add_argument('--consistency_type', default='kl', choices=('kl', 'mse'),
+                   help='per-token KL(teacher || student) or squared error between the softmaxes')
+    g.add_argument('--rampup', type=float, default=RAMPUP, help='epochs of consistency ramp-up')
+
+    g = p.add_argument_group('model (ignored with --init_from / --resume, which use the checkpoint\'s)')
+    g.add_argument('--d_model', type=int, default=256, help='decoder width')
+    g.add_argument('--nhead', type=int, default=8, help='attention heads')
+    g.add_argument('--num_layers', type=int, default=3, help='decoder layers')
+    g.add_argument('--dim_ff', type=int, default=1024, help='decoder feed-forward width')
+    g.add_argument('--dropout', type=float, default=0.1, help='decoder dropout')
+    g.add_argument('--output_stride', type=int, default=16, choices=(8, 16, 32), help='encoder output stride')
+    g.add_argument('--drop_connect', type=float, default=0.2, help='stochastic-depth rate of the EfficientNet blocks')
+    g.add_argument('--memory_norm', action=argparse.BooleanOptionalAction, default=True,
+                   help='LayerNorm on the encoder memory before the positions are added')
+    g.add_argument('--ctc_frames', type=int, default=CTC_FRAMES,
+                   help='CTC frames per image column (with --ctc > 0)')
+    g.add_argument('--backbone_weights', default=None, metavar='PATH',
+                   help='local ImageNet state_dict of efficientnet_pytorch B0 (nothing is downloaded)')
+
+    g = p.add_argument_group('run')
+    g.add_argument('--out_dir', default='runs', help='checkpoints and logs go to <out_dir>/<train_on>/')
+    g.add_argument('--init_from', default=None, metavar='CKPT',
+                   help='start from this checkpoint\'s weights (vocab extended with the new domain\'s tokens)')
+    g.add_argument('--init_weights', default='auto', choices=('auto', 'model', 'teacher'),
+                   help='which weights of --init_from (auto: the teacher if it has one)')
+    g.add_argument('--resume', action='store_true',
+                   help='continue from <out_dir>/<train_on>/last.pt with its saved arguments')
+    g.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    prec = g.add_mutually_exclusive_group()
+    prec.add_argument('--fp16', action='store_true', help='CUDA autocast fp16 + GradScaler')
+    prec.add_argument('--bf16', action='store_true', help='autocast bfloat16 (CUDA or CPU)')
+    g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
+                   help='channels_last memory format for the encoder (None: on for fp32 on a CPU, where '
+                        'bench.py measured +14%%; off elsewhere until measured on a GPU)')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the model, one graph per (bucket size, batch size); meant for CUDA '
+                        '(on a CPU bench.py measured minutes of compilation per shape and a slower step)')
+    g.add_argument('--log_every', type=int, default=10, help='TensorBoard scalars every N steps')
+    g.add_argument('--dry_run', action='store_true',
+                   help='two training steps and a short validation, nothing saved')
+    args = p.parse_args(argv)
+    if args.unlabeled and not args.mean_teacher:
+        p.error('--unlabeled needs --mean_teacher (unlabeled images only enter the consistency cost)')
+    if min(args.max_steps, args.max_minutes, args.warmup, args.ctc) < 0 or args.ctc_frames < 1:
+        p.error('--max_steps, --max_minutes, --warmup and --ctc must be >= 0, --ctc_frames >= 1')
+    if args.augment is None:
+        args.augment = 1.0 if args.mean_teacher else 0.0
+    if args.dry_run:
+        args.val_max = min(args.val_max or 8, 8)
+    return args
 
 
-@torch.no_grad()
-def teacher_pseudo_labels(args, teacher, images, amp_dtype, device):
-    """Teacher's greedy transcription of unlabeled images as a PAD-padded [SOS] .. [EOS] batch (B, T)."""
-    was_training = teacher.training
-    teacher.eval()
-    with evaluation.amp_context(device, amp_dtype):
-        seqs, _ = teacher.greedy(images, max_len=args.max_len)
-    teacher.train(was_training)
-    T = max(len(s) for s in seqs) + 2
-    tgt = torch.full((len(seqs), T), data.PAD, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        tgt[i, :len(s) + 2] = torch.tensor([data.SOS] + list(s) + [data.EOS], dtype=torch.long)
-    return tgt
+# resume restores the saved arguments except these, which only say how to run
+RUNTIME_ARGS = ('resume', 'workers', 'device', 'cache', 'log_every', 'dry_run')
+
+
+def resume_args(args, log):
+    """--resume: -> (the saved arguments with this call's RUNTIME_ARGS, last.pt's dict); else (args, None)."""
+    last_path = os.path.join(args.out_dir, args.train_on, 'last.pt')
+    if not args.resume:
+        return args, None
+    if not os.path.exists(last_path):
+        log(f'--resume: no {last_path} yet, starting a new run')
+        return args, None
+    try:
+        ckpt = checkpoint.load(last_path)
+    except ValueError as e:
+        sys.exit(f'--resume: {e}')
+    merged = vars(args).copy()      # flags added since the checkpoint keep their defaults
+    merged.update({k: v for k, v in ckpt['args'].items() if k not in RUNTIME_ARGS})
+    log(f'resuming {last_path}: epoch {ckpt["epoch"]}, step {ckpt["step"]} (saved arguments restored)')
+    return argparse.Namespace(**merged), ckpt
+
+
+def amp_settings(args, device, log):
+    """-> (autocast dtype or None, GradScaler enabled): fp16 autocast needs the scaler, bf16 does not."""
+    dtype = pick_amp(args, device, doing='training', log=log)
+    return dtype, dtype == torch.float16
+
+
+def prepare(args, device, rank, log):
+    """Seeds, precision, memory format, cuDNN autotuning, demo data. -> autocast dtype or None."""
+    seed_everything(args.seed)
+    amp_dtype, _ = amp_settings(args, device, log)
+    if args.channels_last is None:
+        args.channels_last = device.type == 'cpu' and amp_dtype is None
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True     # few distinct bucket sizes: autotuning pays
+    ensure_demo_data(args, rank, log)
+    return amp_dtype
+
+
+def ensure_demo_data(args, rank, log):
+    """The default root is the demo data: render it on first use (rank 0; the others wait)."""
+    if os.path.normpath(args.root_dir) != os.path.normpath(data.DEFAULT_ROOT):
+        return
+    if os.path.exists(data.label_path(args.root_dir, args.train_on, 'train')):
+        return
+    if rank == 0:
+        import render
+        log(f'no demo data in {args.root_dir}: rendering it now (python3 render.py --root_dir {args.root_dir})')
+        render.write_demo(args.root_dir, seed=0)
+    barrier()
+
+
+@dataclasses.dataclass
+class TrainData:
+    train_set: data.FormulaDataset
+    val_set: data.FormulaDataset
+    train_loader: Any
+    train_sampler: Any
+    val_loader: Any
+    unlabeled: Any = None       # endless iterator of unlabeled micro-batches, or None
+
+    @property
+    def steps_per_epoch(self):
+        return len(self.train_sampler)
+
+
+def build_data(args, device, rank, world, log):
+    """Training and validation sets and loaders (this rank's shard), unlabeled stream. -> TrainData."""
+    problems = data.Problems(quiet=rank != 0)
+    aug = data.Augment(args.augment) if args.augment > 0 else None
+    train_set = data.FormulaDataset(args.root_dir, args.train_on, 'train', cache=args.cache, augment=aug,
+                                    views=2 if args.mean_teacher else 1, problems=problems,
+                                    max_tokens=args.max_len)
+    val_set = data.FormulaDataset(args.root_dir, args.train_on, 'val', cache=args.cache, problems=problems)
+    if args.val_max and len(val_set.names) > args.val_max:
+        val_set = val_set.select(range(args.val_max))
+    if len(train_set.names) == 0:
+        sys.exit(f'no usable training samples in {data.label_path(args.root_dir, args.train_on, "train")}')
+    kw = dict(num_replicas=world, rank=rank, pin_memory=device.type == 'cuda',
+              workers=args.workers if args.workers >= 0 else (4 if device.type == 'cuda' else 0))
+    train_loader, train_sampler = data.make_loader(train_set, args.batchsz, split_batch=args.split_batch,
+                                                   shuffle=True, seed=args.seed, **kw)
+    val_loader, _ = data.make_loader(val_set, args.batchsz, shuffle=False, **kw)
+    unlabeled = None
+    if args.unlabeled:
+        u_set = data.UnlabeledDataset(args.unlabeled, augment=aug, views=2, problems=problems)
+        unlabeled = cycle_unlabeled(*data.make_loader(u_set, args.batchsz, shuffle=True, seed=args.seed + 1, **kw))
+    if problems.summary():
+        log(problems.summary())
+    return TrainData(train_set, val_set, train_loader, train_sampler, val_loader, unlabeled)
 
 
 def cycle_unlabeled(loader, sampler):
@@ -507,192 +913,62 @@ def cycle_unlabeled(loader, sampler):
         epoch += 1
 
 
-def validate(args, model, loader, vocab, amp_dtype, device, world):
-    """Greedy-decode this rank's shard of the val split; the metrics over all ranks (DESIGN.md)."""
-    records = evaluation.decode_dataset(model, loader, vocab, beam=1, max_len=args.max_len,
-                                        amp_dtype=amp_dtype, device=device, progress=False)
-    if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
-    records.sort(key=lambda r: r['index'])
-    golds = [r['gold'] for r in records]
-    preds = [r['pred'] for r in records]
-    return evaluation.compute_metrics(golds, preds), records
+def model_hparams(args, vocab_size):
+    return dict(vocab_size=vocab_size, d_model=args.d_model, nhead=args.nhead, num_layers=args.num_layers,
+                dim_ff=args.dim_ff, dropout=args.dropout, max_len=max(512, args.max_len + 2),
+                output_stride=args.output_stride, drop_connect=args.drop_connect, memory_norm=args.memory_norm,
+                ctc_frames=args.ctc_frames if args.ctc > 0 else 0, backbone_weights=args.backbone_weights)
 
 
-def log_val_samples(writer, dataset, records, step, n=4):
-    for r in records[:n]:
-        img = dataset[r['index']]['image']                                # (1, H, W), ink = 1
-        writer.add_image(f'val/{r["index"]}', 1.0 - img, step)
-        writer.add_text(f'val/{r["index"]}', f'gold: `{data.detokenize(r["gold"])}`  \n'
-                                              f'pred: `{data.detokenize(r["pred"])}`', step)
-
-
-def train(args, model, teacher, train_loader, train_sampler, val_loader, val_set, unlabeled, vocab,
-          optimizer, scheduler, scaler, amp_dtype, device, state, run_dir, writer, log, rank, world, stop):
-    """The epoch loop: train, validate (the teacher with --mean_teacher), save last.pt / best.pt."""
-    is_main = rank == 0
-    steps_per_epoch = len(train_sampler)
-    evaluated = teacher if teacher is not None else unwrap(model)
-    while state['epoch'] < args.epochs:
-        t0 = time.time()
-        try:
-            train_loss = train_one_epoch(args, model, teacher, train_loader, train_sampler, unlabeled,
-                                         optimizer, scheduler, scaler, amp_dtype, device, state,
-                                         steps_per_epoch, writer, log, is_main, stop, world)
-        except StopRequested:
-            if is_main and not args.dry_run:
-                path = os.path.join(run_dir, 'last.pt')
-                data.atomic_torch_save(checkpoint_dict(args, model, teacher, optimizer, scheduler, scaler,
-                                                       vocab, state), path)
-                log(f'interrupted: saved {path} at step {state["step"]}; continue with --resume')
-            raise
-        if args.Adam:
-            scheduler.step()
-        metrics, records = validate(args, evaluated, val_loader, vocab, amp_dtype, device, world)
-        state['epoch'] += 1
-        state['batch_in_epoch'] = 0
-        state['val_metrics'] = metrics
-        best = metrics['bleu4'] > state['best_metric']
-        if best:
-            state['best_metric'] = metrics['bleu4']
-        if is_main:
-            who = 'teacher ' if teacher is not None else ''
-            log(f'epoch {state["epoch"]}/{args.epochs} | train loss {train_loss:.4f} | {who}val '
-                f'bleu4 {metrics["bleu4"]:.2f} edit_acc {metrics["edit_accuracy"]:.4f} '
-                f'exact {metrics["exact_match"]:.4f} | {time.time() - t0:.0f} s'
-                + (f' | skipped steps {state["skipped_steps"]}' if state['skipped_steps'] else ''))
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(f'val/{k}', v, state['step'])
-                log_val_samples(writer, val_set, records, state['step'])
-                writer.flush()
-            if not args.dry_run:
-                ckpt = checkpoint_dict(args, model, teacher, optimizer, scheduler, scaler, vocab, state)
-                data.atomic_torch_save(ckpt, os.path.join(run_dir, 'last.pt'))
-                if best:
-                    data.atomic_torch_save(ckpt, os.path.join(run_dir, 'best.pt'))
-                log(f'  saved {os.path.join(run_dir, "last.pt")}' + (' and best.pt' if best else ''))
-        if args.dry_run:
-            break
-    return state
-
-
-# -----------------------------------------------------------------------------
-
-def main(argv=None):
-    args = get_args(argv)
-    rank, world, local_rank = setup_distributed(args)
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
-    device = evaluation.pick_device(args.device, local_rank)
-    run_dir = os.path.join(args.out_dir, args.train_on)
-    last_path = os.path.join(run_dir, 'last.pt')
-
-    ckpt = None
-    if args.resume:
-        if os.path.exists(last_path):
-            ckpt = torch.load(last_path, map_location='cpu', weights_only=True)
-            merged = vars(args).copy()      # flags added since the checkpoint keep their defaults
-            merged.update({k: v for k, v in ckpt['args'].items() if k not in RUNTIME_ARGS})
-            args = argparse.Namespace(**merged)
-            log(f'resuming {last_path}: epoch {ckpt["epoch"]}, step {ckpt["step"]} (saved arguments restored)')
-            if ckpt['epoch'] >= args.epochs:
-                log(f'that run already finished its {args.epochs} epochs; nothing to do')
-                return ckpt
-        else:
-            log(f'--resume: no {last_path} yet, starting a new run')
-    seed_everything(args.seed)
-    amp_dtype, use_scaler = amp_settings(args, device, log)
-    if args.channels_last is None:
-        args.channels_last = device.type == 'cpu' and amp_dtype is None
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True     # few distinct bucket sizes: autotuning pays
-    ensure_demo_data(args, rank, log)
-
-    # data
-    problems = data.Problems(quiet=not is_main)
-    aug = data.Augment(args.augment) if args.augment > 0 else None
-    views = 2 if args.mean_teacher else 1
-    train_set = data.FormulaDataset(args.root_dir, args.train_on, 'train', cache=args.cache, augment=aug,
-                                    views=views, problems=problems, max_tokens=args.max_len)
-    val_set = data.FormulaDataset(args.root_dir, args.train_on, 'val', cache=args.cache, problems=problems)
-    if args.val_max and len(val_set.names) > args.val_max:
-        val_set = val_set.select(range(args.val_max))
-    if len(train_set.names) == 0:
-        sys.exit(f'no usable training samples in {data.label_path(args.root_dir, args.train_on, "train")}')
-
-    # vocab and model
-    init_note = ''
+def build_model(args, ckpt, d, device):
+    """The model, its vocab (set on the data sets) and the teacher: from last.pt (--resume), from
+    --init_from (vocab extended with this domain's tokens), or new. -> (model, teacher, vocab, note)."""
+    note = ''
     if ckpt is not None:
         vocab = data.Vocab(ckpt['vocab'])
         model = transformer.build_model(ckpt['hparams'])
-        model.load_state_dict(ckpt['model'])
+        model.load_state_dict(checkpoint.model_state(ckpt, 'model'))
     elif args.init_from:
-        model, itos, init = transformer.load_checkpoint(args.init_from, which='model')
-        which = args.init_weights
-        if which == 'auto':
-            which = 'teacher' if init.get('teacher') is not None else 'model'
-        if which == 'teacher':
-            if init.get('teacher') is None:
-                sys.exit(f'{args.init_from} has no teacher weights (trained without --mean_teacher); '
-                         f'use --init_weights model')
-            model.load_state_dict(init['teacher'])
-        vocab = data.Vocab(itos).extend(train_set.tokens)
-        transformer.extend_vocab(model, len(vocab))
-        init_note = (f'initialised from {args.init_from} ({which} weights); vocab {len(itos)} -> {len(vocab)} '
-                     f'tokens')
-        del init
+        model, vocab, note = init_from(args, d.train_set.tokens)
     else:
-        pre = data.read_token_list(data.PRE_VOCAB)
-        vocab = data.Vocab.build(pre, train_set.tokens)
+        vocab = data.Vocab.build(data.read_token_list(data.PRE_VOCAB), d.train_set.tokens)
         model = transformer.build_model(model_hparams(args, len(vocab)))
-    train_set.vocab = vocab
-    val_set.vocab = vocab
+    d.train_set.vocab = d.val_set.vocab = vocab
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     teacher = None
     if args.mean_teacher:
-        teacher = copy.deepcopy(model)
-        if ckpt is not None and ckpt.get('teacher') is not None:
-            teacher.load_state_dict(ckpt['teacher'])
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        resumed = ckpt is not None and checkpoint.has_teacher(ckpt)
+        teacher = make_teacher(model, checkpoint.model_state(ckpt, 'teacher') if resumed else None)
+    return model, teacher, vocab, note
 
-    # loaders
-    workers = args.workers if args.workers >= 0 else (4 if device.type == 'cuda' else 0)
-    pin = device.type == 'cuda'
-    train_loader, train_sampler = data.make_loader(train_set, args.batchsz, split_batch=args.split_batch,
-                                                   shuffle=True, seed=args.seed, num_replicas=world, rank=rank,
-                                                   workers=workers, pin_memory=pin)
-    val_loader, _ = data.make_loader(val_set, args.batchsz, shuffle=False, num_replicas=world, rank=rank,
-                                     workers=workers, pin_memory=pin)
-    unlabeled = None
-    if args.unlabeled:
-        u_set = data.UnlabeledDataset(args.unlabeled, augment=aug, views=2, problems=problems)
-        u_loader, u_sampler = data.make_loader(u_set, args.batchsz, shuffle=True, seed=args.seed + 1,
-                                               num_replicas=world, rank=rank, workers=workers, pin_memory=pin)
-        unlabeled = cycle_unlabeled(u_loader, u_sampler)
-    if problems.summary():
-        log(problems.summary())
 
-    # optimisation
-    steps_per_epoch = len(train_sampler)
+def init_from(args, tokens):
+    """--init_from: the checkpoint's model (or teacher) weights, vocab extended by `tokens`.
+    -> (model, vocab, note)."""
+    try:
+        model, itos, init = checkpoint.load_checkpoint(args.init_from, which='model')
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'--init_from: {e}')
+    which = args.init_weights
+    if which == 'auto':
+        which = 'teacher' if checkpoint.has_teacher(init) else 'model'
+    try:
+        model.load_state_dict(checkpoint.model_state(init, which, args.init_from))
+    except ValueError as e:
+        sys.exit(f'--init_from: {e}; use --init_weights model')
+    vocab = data.Vocab(itos).extend(tokens)
+    transformer.extend_vocab(model, len(vocab))
+    no_head = '; it has no CTC head, so --ctc is ignored' if args.ctc > 0 and model.ctc_head is None else ''
+    return model, vocab, (f'initialised from {args.init_from} ({which} weights); vocab {len(itos)} -> '
+                          f'{len(vocab)} tokens{no_head}')
+
+
+def build_trainer(args, model, teacher, vocab, device, amp_dtype, d, rank, world, log):
+    """Optimizer, schedule, scaler, the compiled / DDP-wrapped model around `model`. -> Trainer."""
     optimizer = make_optimizer(args, model)
-    scheduler = make_scheduler(args, optimizer, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    state = {'epoch': 0, 'step': 0, 'batch_in_epoch': 0, 'best_metric': -1.0, 'skipped_steps': 0}
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        if ckpt.get('scaler') and use_scaler:
-            scaler.load_state_dict(ckpt['scaler'])
-        for k in state:
-            state[k] = ckpt.get(k, state[k])
-        set_rng_state(ckpt['rng'])
-    train_model = model
+    run_model = model
     if args.compile:
         # one graph per (bucket size, batch size): 20-32 buckets x (full, last) batches exceed dynamo's
         # default recompile_limit of 8, after which new shapes would silently run eagerly
@@ -700,48 +976,46 @@ def main(argv=None):
         if device.type == 'cpu':
             log('--compile on a CPU: minutes of compilation per bucket shape, and bench.py measured the '
                 'compiled step slower than eager there; it is meant for CUDA')
-        train_model = torch.compile(model, dynamic=False)
+        run_model = torch.compile(model, dynamic=False)
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+        run_model = torch.nn.parallel.DistributedDataParallel(
+            run_model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return Trainer(args, run_model, teacher, optimizer, make_scheduler(args, optimizer, d.steps_per_epoch),
+                   torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), amp_dtype, device,
+                   vocab, d.steps_per_epoch, os.path.join(args.out_dir, args.train_on), rank, world, log)
 
-    writer = None
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        if not args.dry_run:
-            evaluation.write_json(os.path.join(run_dir, 'args.json'), vars(args))
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(run_dir, 'tb'))
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f'{args.train_on}: {len(train_set.names)} train / {len(val_set.names)} val images from {args.root_dir}; '
-            f'vocab {len(vocab)}; {n_params / 1e6:.2f}M parameters; {steps_per_epoch} steps/epoch x {world} '
-            f'process(es) on {device}' + (f'; autocast {amp_dtype}' if amp_dtype else '')
-            + (f'; mean teacher (ema {args.ema_decay}, {args.consistency_type} x {args.consistency})'
-               if teacher is not None else ''))
-        if init_note:
-            log(init_note)
-        note = ema_horizon_note(args.ema_decay, steps_per_epoch * args.epochs) if teacher is not None else None
-        if note:
-            log(note)
 
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, local_rank = setup_distributed(args)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    device = pick_device(args.device, local_rank)
+    args, ckpt = resume_args(args, log)
+    if ckpt is not None and ckpt['epoch'] >= args.epochs:
+        log(f'that run already finished its {args.epochs} epochs; nothing to do')
+        return ckpt
+    amp_dtype = prepare(args, device, rank, log)
+    d = build_data(args, device, rank, world, log)
+    if args.max_steps:
+        args.epochs = math.ceil(args.max_steps / d.steps_per_epoch)
+    model, teacher, vocab, init_note = build_model(args, ckpt, d, device)
+    run = build_trainer(args, model, teacher, vocab, device, amp_dtype, d, rank, world, log)
+    if ckpt is not None:
+        restore(run, ckpt)
+    run.open_logs(d, init_note)
     try:
         with GracefulStop() as stop:
-            train(args, train_model, teacher, train_loader, train_sampler, val_loader, val_set, unlabeled,
-                  vocab, optimizer, scheduler, scaler, amp_dtype, device, state, run_dir, writer, log, rank,
-                  world, stop)
+            run.fit(d, stop)
     except StopRequested:
         sys.exit(130)
     finally:
-        if writer is not None:
-            writer.close()
-        if world > 1:
-            torch.distributed.destroy_process_group()
-    if is_main and not args.dry_run:
-        log(f'done: best val BLEU-4 {state["best_metric"]:.2f}; checkpoints in {run_dir}/ '
+        run.close()
+    if rank == 0 and not args.dry_run:
+        log(f'done: best val BLEU-4 {run.state["best_metric"]:.2f}; checkpoints in {run.run_dir}/ '
             f'(evaluate: python3 test.py --test_on {args.train_on} --out_dir {args.out_dir}'
             + (f' --root_dir {args.root_dir}' if args.root_dir != data.DEFAULT_ROOT else '')
             + (' --mean_teacher' if teacher is not None else '') + ')')
-    return state
+    return run.state
 
 
 if __name__ == '__main__':

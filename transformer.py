@@ -1,6 +1,5 @@
 """The model: EfficientNet-B0 encoder with two non-local blocks, a transformer decoder, and
-greedy / beam decoding with a key/value cache. Plus the checkpoint helpers (build_model,
-extend_vocab, load_checkpoint).
+greedy / beam decoding with a key/value cache.
 
 Encoder (Tan & Le, "EfficientNet", ICML 2019; efficientnet_pytorch 0.7.1, built with no download):
     image (B, 1, H, W), ink = 1
@@ -15,18 +14,26 @@ Decoder (Vaswani et al., "Attention is all you need", NeurIPS 2017; pre-norm as 
     the memory, feed-forward], final LayerNorm, Linear(d_model -> vocab).
 Decoding: batched greedy (cached or uncached, identical tokens), batched cached beam search with the
 length normalisation of Wu et al. 2016 (GNMT, eq. 14).
+Also: building a model from hyperparameters (build_model), growing its vocab (extend_vocab), and
+decoding a whole data set into Records (decode_dataset), as train.py validates and test.py evaluates.
+The checkpoint file format is checkpoint.py's.
 """
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from data import EOS, PAD, SOS
 from non_local_emb_gaussian import NonLocalBlock2D
+from utils import amp_context, eval_mode
 
-CHECKPOINT_FORMAT_VERSION = 1  # 'format_version' of the checkpoint dict train.py writes
+# decoding defaults (test.py's --max_len and --length_penalty)
+MAX_DECODE_LEN = 150    # decoding stops after this many tokens
+LENGTH_PENALTY = 1.0    # beam score = sum log p / ((5 + len) / 6) ** LENGTH_PENALTY (Wu et al. 2016)
 
 # Default non-local positions (block indexes of efficientnet_pytorch's `_blocks`, 0..15):
 # after block 10 (end of stage 5, 112 ch) and block 14 (end of stage 6, 192 ch). With output stride
@@ -46,7 +53,7 @@ DEFAULT_NONLOCAL_AFTER = (10, 14)
 # exist to tune them.
 DEFAULTS = dict(d_model=256, nhead=8, num_layers=3, dim_ff=1024, dropout=0.1, max_len=512,
                 output_stride=16, nonlocal_after=DEFAULT_NONLOCAL_AFTER, nonlocal_subsample=True,
-                drop_connect=0.2, bn_momentum=0.1, backbone_weights=None)
+                drop_connect=0.2, bn_momentum=0.1, memory_norm=False, ctc_frames=0, backbone_weights=None)
 
 NUM_BLOCKS_B0 = 16
 # index into efficientnet_pytorch's 7 stage block_args: stage 4 (blocks 5-7) and stage 6 (blocks 11-14)
@@ -115,10 +122,17 @@ def _build_backbone(output_stride, drop_connect, bn_momentum=0.1):
 
 class Encoder(nn.Module):
     """EfficientNet-B0 (grayscale, output stride 8/16/32) + non-local blocks + per-position projection
-    to d_model + 2D sinusoidal positions. (B, 1, H, W) -> memory (B, ceil(H/s)*ceil(W/s), d_model)."""
+    to d_model (+ LayerNorm with memory_norm) + 2D sinusoidal positions.
+    (B, 1, H, W) -> memory (B, ceil(H/s)*ceil(W/s), d_model).
+
+    memory_norm: a LayerNorm on the projected features before the positions are added, as pre-norm
+    encoder-decoders normalise their encoder output (Xiong et al. 2020, "On Layer Normalization in the
+    Transformer Architecture"). Without it the projection can shrink the image content far below the
+    unit-scale sinusoids (or learn to cancel them), so cross-attention sees a memory that barely varies
+    with the image and the decoder settles on the language model of the labels."""
 
     def __init__(self, d_model, output_stride=16, nonlocal_after=DEFAULT_NONLOCAL_AFTER,
-                 nonlocal_subsample=True, drop_connect=0.2, bn_momentum=0.1):
+                 nonlocal_subsample=True, drop_connect=0.2, bn_momentum=0.1, memory_norm=False):
         super().__init__()
         self.d_model = d_model
         self.backbone = _build_backbone(output_stride, drop_connect, bn_momentum)
@@ -128,6 +142,7 @@ class Encoder(nn.Module):
             self.nonlocal_blocks[str(idx)] = NonLocalBlock2D(channels, sub_sample=nonlocal_subsample)
         head_channels = self.backbone._bn1.num_features               # 1280
         self.proj = nn.Linear(head_channels, d_model)                 # the changed final FC
+        self.norm = nn.LayerNorm(d_model) if memory_norm else None
 
     def feature_map(self, images):
         """(B, 1, H, W) -> (B, 1280, h, w). Same computation as EfficientNet.extract_features, with the
@@ -145,14 +160,21 @@ class Encoder(nn.Module):
                 x = self.nonlocal_blocks[key](x)
         return net._swish(net._bn1(net._conv_head(x)))                # (B, 1280, h, w)
 
-    def forward(self, images):
+    def content(self, images):
+        """(B, 1, H, W) -> the image content per position, before positions are added: (B, h, w, d_model)."""
         if images.dim() != 4 or images.shape[1] != 1:
             raise ValueError(f'expected images of shape (B, 1, H, W), got {tuple(images.shape)}')
-        x = self.feature_map(images)                                  # (B, 1280, h, w)
-        h, w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                              # (B, h*w, 1280), s = y*w + x
-        x = self.proj(x)                                              # (B, h*w, d_model)
-        return x + sinusoid_2d(h, w, self.d_model, x.device).to(x.dtype)  # (B, S, d_model)
+        x = self.feature_map(images).permute(0, 2, 3, 1)             # (B, h, w, 1280)
+        x = self.proj(x)                                              # (B, h, w, d_model)
+        return self.norm(x) if self.norm is not None else x
+
+    def memory(self, content):
+        """(B, h, w, d) -> memory (B, h*w, d) with 2D positions, row-major: s = y*w + x."""
+        b, h, w, d = content.shape
+        return content.reshape(b, h * w, d) + sinusoid_2d(h, w, d, content.device).to(content.dtype)
+
+    def forward(self, images):
+        return self.memory(self.content(images))                      # (B, S, d_model)
 
     def load_imagenet(self, path):
         """Load a local ImageNet state_dict (efficientnet_pytorch key names, e.g. the file of
@@ -215,6 +237,7 @@ class DecoderLayer(nn.Module):
         self.ff1 = nn.Linear(d_model, dim_ff)
         self.ff2 = nn.Linear(dim_ff, d_model)
         self.drop = nn.Dropout(dropout)
+        self.probe = None     # a list: forward() appends its cross-attention weights (diagnostics)
 
     def _heads(self, x):
         """(B, T, d) -> (B, nhead, T, head_dim)"""
@@ -244,6 +267,8 @@ class DecoderLayer(nn.Module):
                                            is_causal=attn_mask is None)  # (B, h, T, hd)
         x = x + self.drop(self.self_out(self._merge(a)))
         q = self._heads(self.q(self.norm2(x)))                 # (B, h, T, hd)
+        if self.probe is not None:                             # weights (B, h, T, S), as SDPA computes them
+            self.probe.append(torch.softmax(q @ mem_k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1))
         a = F.scaled_dot_product_attention(q, mem_k, mem_v, dropout_p=p)   # (B, h, T, hd)
         x = x + self.drop(self.cross_out(self._merge(a)))
         return x + self._ffn(x)
@@ -378,7 +403,9 @@ class Im2LatexModel(nn.Module):
     the backbone's stochastic-depth rate; bn_momentum: BatchNorm running-statistics momentum (torch
     convention). efficientnet_pytorch's default, TF's 0.01, leaves the eval-mode statistics far behind
     the weights for thousands of steps: an overfit run of 75 steps at 0.1 reached exact match 1.0 in eval
-    mode while at 0.01 it stayed near 0; 0.1 (torch's default) is used here. backbone_weights: path of a local ImageNet state_dict of
+    mode while at 0.01 it stayed near 0; 0.1 (torch's default) is used here. memory_norm: LayerNorm on the
+    encoder memory (see Encoder); ctc_frames: frames per image column of the auxiliary CTC head (0: no
+    head; see ctc_log_probs). Both are off when a checkpoint's hparams lack them, as older ones do. backbone_weights: path of a local ImageNet state_dict of
     efficientnet_pytorch's B0 (None: random init). `hparams` holds these kwargs (JSON-able), with
     backbone_weights set to None once the file is loaded: the weights live on in the state dict, and
     build_model(ckpt['hparams']) must not need the file (train.py keeps the path in its args).
@@ -386,7 +413,8 @@ class Im2LatexModel(nn.Module):
 
     def __init__(self, vocab_size, d_model=256, nhead=8, num_layers=3, dim_ff=1024, dropout=0.1,
                  max_len=512, output_stride=16, nonlocal_after=DEFAULT_NONLOCAL_AFTER,
-                 nonlocal_subsample=True, drop_connect=0.2, bn_momentum=0.1, backbone_weights=None):
+                 nonlocal_subsample=True, drop_connect=0.2, bn_momentum=0.1, memory_norm=False,
+                 ctc_frames=0, backbone_weights=None):
         super().__init__()
         nonlocal_after = [int(i) for i in nonlocal_after]
         if vocab_size <= EOS:
@@ -401,11 +429,14 @@ class Im2LatexModel(nn.Module):
         self.hparams = dict(vocab_size=int(vocab_size), d_model=d_model, nhead=nhead, num_layers=num_layers,
                             dim_ff=dim_ff, dropout=dropout, max_len=max_len, output_stride=output_stride,
                             nonlocal_after=nonlocal_after, nonlocal_subsample=bool(nonlocal_subsample),
-                            drop_connect=drop_connect, bn_momentum=bn_momentum, backbone_weights=None)
+                            drop_connect=drop_connect, bn_momentum=bn_momentum,
+                            memory_norm=bool(memory_norm), ctc_frames=int(ctc_frames), backbone_weights=None)
         self.vocab_size = int(vocab_size)
         self.encoder = Encoder(d_model, output_stride, nonlocal_after, nonlocal_subsample, drop_connect,
-                               bn_momentum)
+                               bn_momentum, memory_norm)
         self.decoder = Decoder(vocab_size, d_model, nhead, num_layers, dim_ff, dropout, max_len)
+        # frame f of a column = outputs [f*V, (f+1)*V) of the head (see ctc_log_probs)
+        self.ctc_head = nn.Linear(d_model, ctc_frames * self.vocab_size) if ctc_frames > 0 else None
         if backbone_weights is not None:
             self.encoder.load_imagenet(os.fspath(backbone_weights))
 
@@ -418,8 +449,25 @@ class Im2LatexModel(nn.Module):
         """tgt_in (B, T) ids ([SOS] + tokens, teacher forcing) -> logits (B, T, V)."""
         return self.decoder(tgt_in, memory, tgt_pad_mask)
 
-    def forward(self, images, tgt_in, tgt_pad_mask=None):
-        return self.decode(tgt_in, self.encode(images), tgt_pad_mask)
+    def forward(self, images, tgt_in, tgt_pad_mask=None, ctc=False):
+        """-> logits (B, T, V); with ctc=True also the CTC head's log-probs (see ctc_log_probs)."""
+        content = self.encoder.content(images)                      # (B, h, w, d)
+        logits = self.decode(tgt_in, self.encoder.memory(content), tgt_pad_mask)
+        return (logits, self.ctc_log_probs(content)) if ctc else logits
+
+    def ctc_log_probs(self, content):
+        """Auxiliary CTC head over the image columns, left to right (joint CTC-attention training: Kim,
+        Hori & Watanabe, ICASSP 2017). It gives the encoder a direct signal to tell symbols apart before
+        the decoder's attention has learned where to look. Each column of the content (mean over its
+        rows) emits ctc_frames frames, so a column can hold several tokens (`^ { 2 }` is 4 tokens for one
+        small glyph). Class 0 (<pad>, never a target) is the CTC blank.
+        content (B, h, w, d) -> log-probs (T = w * ctc_frames, B, V), the layout F.ctc_loss takes."""
+        if self.ctc_head is None:
+            raise ValueError('this model has no CTC head (built with ctc_frames=0)')
+        b, _, w, _ = content.shape
+        cols = content.mean(dim=1)                                    # (B, w, d)
+        frames = self.ctc_head(cols).reshape(b, w * self.hparams['ctc_frames'], self.vocab_size)  # (B, T, V)
+        return frames.float().log_softmax(-1).transpose(0, 1)         # (T, B, V)
 
     # --- decoding -----------------------------------------------------------
     def _choice_mask(self, ignore_eos, device):
@@ -443,7 +491,7 @@ class Im2LatexModel(nn.Module):
             raise ValueError(f'max_len={max_len}: must be in 1..{self.decoder.max_len} (the model\'s max_len)')
 
     @torch.no_grad()
-    def greedy(self, images=None, memory=None, max_len=150, use_cache=True, ignore_eos=False):
+    def greedy(self, images=None, memory=None, max_len=MAX_DECODE_LEN, use_cache=True, ignore_eos=False):
         """Batched greedy decoding. Returns (ids, logp): ids[b] the tokens without <sos>/<eos>,
         logp (B,) float32 on the CPU, their summed log-probability (including <eos> when emitted).
         A sequence stops at its <eos> (and leaves the batch); decoding stops when all have, or after
@@ -451,13 +499,8 @@ class Im2LatexModel(nn.Module):
         (for benchmarks). use_cache=False re-runs the whole decoder on the prefix at every step
         (the reference path; same tokens). Runs in eval mode (restored afterwards)."""
         self._check_max_len(max_len)
-        was_training = self.training
-        self.eval()
-        try:
-            memory = self._memory(images, memory)
-            return self._greedy(memory, max_len, use_cache, ignore_eos)
-        finally:
-            self.train(was_training)
+        with eval_mode(self):
+            return self._greedy(self._memory(images, memory), max_len, use_cache, ignore_eos)
 
     def _greedy(self, memory, max_len, use_cache, ignore_eos):
         b, device = memory.shape[0], memory.device
@@ -499,7 +542,8 @@ class Im2LatexModel(nn.Module):
         return [o[:n] for o, n in zip(out, lengths)], logp_sum.cpu()
 
     @torch.no_grad()
-    def beam_search(self, images=None, memory=None, beam=5, max_len=150, length_penalty=1.0, ignore_eos=False):
+    def beam_search(self, images=None, memory=None, beam=5, max_len=MAX_DECODE_LEN, length_penalty=LENGTH_PENALTY,
+                    ignore_eos=False):
         """Batched beam search with a key/value cache. Returns (ids, score): the best hypothesis per
         image (tokens without <sos>/<eos>) and its score log P / ((5 + len) / 6)^length_penalty
         (Wu et al. 2016; len counts <eos>), float32 (B,) on the CPU. beam=1 gives the greedy tokens."""
@@ -509,20 +553,15 @@ class Im2LatexModel(nn.Module):
         return ids, score
 
     @torch.no_grad()
-    def beam_search_nbest(self, images=None, memory=None, beam=5, max_len=150, length_penalty=1.0,
-                          ignore_eos=False):
+    def beam_search_nbest(self, images=None, memory=None, beam=5, max_len=MAX_DECODE_LEN,
+                          length_penalty=LENGTH_PENALTY, ignore_eos=False):
         """As beam_search, but returns for each image its finished hypotheses (at most `beam`) sorted by
         score, best first: a list of (score, summed log-prob, ids) per image."""
         self._check_max_len(max_len)
         if beam < 1:
             raise ValueError(f'beam={beam}: must be >= 1')
-        was_training = self.training
-        self.eval()
-        try:
-            memory = self._memory(images, memory)
-            return self._beam(memory, beam, max_len, length_penalty, ignore_eos)
-        finally:
-            self.train(was_training)
+        with eval_mode(self):
+            return self._beam(self._memory(images, memory), beam, max_len, length_penalty, ignore_eos)
 
     def _beam(self, memory, k, max_len, alpha, ignore_eos):
         """Beam search in the manner of fairseq's sequence generator: at each step the 2k best
@@ -590,25 +629,21 @@ class Im2LatexModel(nn.Module):
         given the images (or their memory; teacher forcing, eval mode). With length_penalty=alpha the
         sum is divided by ((5 + n) / 6)^alpha, n = tokens after <sos> including <eos>: the beam_search
         score of tgt. (greedy's logp is the plain sum: length_penalty=None.)"""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             memory = self._memory(images, memory)
             tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]                     # (B, T-1) each
             logits = self.decode(tgt_in, memory, tgt_in == PAD)           # (B, T-1, V)
-            logp = F.log_softmax(logits.float(), dim=-1)
-            tok_logp = logp.gather(2, tgt_out[:, :, None])[:, :, 0]       # (B, T-1)
-            real = tgt_out != PAD
-            total = tok_logp.masked_fill(~real, 0.0).sum(dim=1)
-            if length_penalty is not None:
-                total = total / gnmt_length_penalty(real.sum(dim=1).float(), length_penalty)
-            return total
-        finally:
-            self.train(was_training)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        tok_logp = logp.gather(2, tgt_out[:, :, None])[:, :, 0]           # (B, T-1)
+        real = tgt_out != PAD
+        total = tok_logp.masked_fill(~real, 0.0).sum(dim=1)
+        if length_penalty is not None:
+            total = total / gnmt_length_penalty(real.sum(dim=1).float(), length_penalty)
+        return total
 
 
 # -----------------------------------------------------------------------------
-# checkpoint helpers
+# building and growing a model
 
 def build_model(hparams):
     """Im2LatexModel(**hparams): a new model from train.py's flags, or the architecture of a checkpoint
@@ -644,44 +679,112 @@ def extend_vocab(model, new_vocab_size):
     out.weight[:old] = dec.out.weight
     out.bias[:old] = dec.out.bias
     dec.embed, dec.out = embed, out
+    if model.ctc_head is not None:              # per frame: the old V rows kept, new rows as in a fresh head
+        k, head = model.hparams['ctc_frames'], model.ctc_head
+        grown = nn.Linear(d, k * new_vocab_size, device=w.device, dtype=head.weight.dtype)
+        grown.weight.view(k, new_vocab_size, d)[:, :old] = head.weight.view(k, old, d)
+        grown.bias.view(k, new_vocab_size)[:, :old] = head.bias.view(k, old)
+        model.ctc_head = grown
     model.vocab_size = new_vocab_size
     model.hparams['vocab_size'] = new_vocab_size
 
 
-def load_checkpoint(path, which='model', map_location='cpu'):
-    """Load a checkpoint written by train.py. Returns (model in eval mode, vocab itos, checkpoint dict).
-    which='teacher' loads the mean-teacher weights."""
-    path = os.fspath(path)
-    if which not in ('model', 'teacher'):
-        raise ValueError(f"which={which!r}: must be 'model' or 'teacher'")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: checkpoint not found')
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e})') from None
-    if not isinstance(ckpt, dict) or 'format_version' not in ckpt:
-        raise ValueError(f'{path}: not a checkpoint written by train.py (no format_version)')
-    if ckpt['format_version'] != CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(f'{path}: unknown checkpoint format_version {ckpt["format_version"]!r} '
-                         f'(this code reads {CHECKPOINT_FORMAT_VERSION})')
-    for key in ('hparams', 'vocab', 'model'):
-        if key not in ckpt:
-            raise ValueError(f'{path}: checkpoint has no {key!r}')
-    sd = ckpt[which]
-    if sd is None:
-        raise ValueError(f'{path}: checkpoint has no teacher weights (trained without --mean_teacher)')
-    try:
-        model = build_model(ckpt['hparams'])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f'{path}: bad model hyperparameters ({e})') from None
-    if len(ckpt['vocab']) != model.vocab_size:
-        raise ValueError(f'{path}: vocab has {len(ckpt["vocab"])} tokens but the model '
-                         f'{model.vocab_size} outputs')
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f'{path}: {which} weights do not fit the model ({e})') from None
-    model.to(map_location if isinstance(map_location, (str, torch.device)) else 'cpu')
-    model.eval()
-    return model, list(ckpt['vocab']), ckpt
+# -----------------------------------------------------------------------------
+# decoding a data set (train.py's validation, test.py's evaluation and transcription)
+
+class Record(NamedTuple):
+    """One decoded sample. A tuple (index, gold, pred, score_pred, score_gold) that also answers
+    record['gold'] etc. gold/pred are token lists; scores are summed log-probabilities (nan if unknown)."""
+    index: int
+    gold: list
+    pred: list
+    score_pred: float
+    score_gold: float
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple.__getitem__(self, key)
+
+
+def model_max_len(model):
+    """Longest token sequence (positions) the model's decoder accepts."""
+    return int(getattr(model, 'hparams', {}).get('max_len', 10 ** 9))
+
+
+def decode_batch(model, images=None, beam=1, max_len=MAX_DECODE_LEN, length_penalty=LENGTH_PENALTY, memory=None):
+    """(B, 1, H, W) images of one size (or their memory) -> (id lists without SOS/EOS, (B,) summed
+    log-probs of them, <eos> included when emitted). Greedy (cached) for beam 1, else beam search, which
+    picks by the length-normalised score but returns the plain sum here: the scale of score_gold."""
+    if beam <= 1:
+        return model.greedy(images=images, memory=memory, max_len=max_len)
+    best = model.beam_search_nbest(images=images, memory=memory, beam=beam, max_len=max_len,
+                                   length_penalty=length_penalty)
+    ids = [hyps[0][2] for hyps in best]                      # hyps: (score, summed log-prob, ids), best first
+    logp = torch.tensor([hyps[0][1] for hyps in best], dtype=torch.float32)
+    return ids, logp
+
+
+def gold_logprob(model, tgt, memory):
+    """model.sequence_logprob of tgt (B, T) = [SOS] ids [EOS], PAD-padded, given the memory; nan for a
+    gold sequence longer than the decoder's positions (such a formula is still decoded and scored)."""
+    limit = model_max_len(model)                       # positions the decoder input tgt[:, :-1] may use
+    lengths = (tgt != PAD).sum(dim=1)                  # (B,) incl. SOS and EOS
+    fits = lengths - 1 <= limit
+    out = torch.full((tgt.shape[0],), math.nan)
+    if fits.any():
+        rows = fits.nonzero()[:, 0]
+        sub = tgt[rows, :int(lengths[rows].max())]    # (b, T') only fitting rows, trailing PAD cut
+        out[rows.cpu()] = model.sequence_logprob(None, sub, memory=memory[rows]).float().cpu()
+    return out
+
+
+def _decode_micro_batch(model, mb, vocab, gold_tokens, device, amp_dtype, gold_scores, **decoding):
+    """One micro-batch of data.collate (one image size) -> its Records, in batch order."""
+    images = mb['images'].to(device, non_blocking=True)
+    indices = mb['indices'].tolist()
+    with amp_context(device, amp_dtype):
+        memory = model.encode(images)                  # (B, S, d_model), shared by both scores
+        ids, score_pred = decode_batch(model, memory=memory, **decoding)
+        score_gold = None
+        if gold_scores and mb.get('tgt') is not None:
+            score_gold = gold_logprob(model, mb['tgt'].to(device, non_blocking=True), memory)
+    score_pred = score_pred.float().tolist()
+    score_gold = score_gold.float().tolist() if score_gold is not None else [math.nan] * len(indices)
+    records = []
+    for k, index in enumerate(indices):
+        if gold_tokens is not None:
+            gold = list(gold_tokens[index])
+        elif mb.get('tgt') is not None:
+            gold = vocab.decode(mb['tgt'][k])
+        else:
+            gold = []
+        records.append(Record(index, gold, vocab.decode(ids[k]), score_pred[k], score_gold[k]))
+    return records
+
+
+@torch.no_grad()
+def decode_dataset(model, loader, vocab, beam=1, max_len=MAX_DECODE_LEN, amp_dtype=None, device=None, *,
+                   progress=True, gold_scores=True, length_penalty=LENGTH_PENALTY, desc='decode'):
+    """Decode every sample of `loader` (data.make_loader over a FormulaDataset, shuffle off or on)
+    -> list of Record(index, gold tokens, pred tokens, score_pred, score_gold) sorted by index.
+
+    gold tokens are the dataset's token strings (not vocab ids), so a gold token the vocab lacks can
+    never be matched by a prediction: it counts as an error. score_gold is the model's summed log-prob
+    of the gold ids ([SOS] .. [EOS], unknown tokens as <unk>); gold_scores=False skips it (nan).
+    The model is put in eval mode for the call and then back in its previous mode."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    decoding = dict(beam=beam, max_len=min(max_len, model_max_len(model)),   # no more than its positions
+                    length_penalty=length_penalty)
+    dataset = loader.dataset
+    gold_tokens = getattr(dataset, 'tokens', None)
+    records = []
+    with eval_mode(model), tqdm(total=len(dataset), desc=desc, unit='formula', disable=not progress,
+                                dynamic_ncols=True) as bar:
+        for micro_batches in loader:
+            for mb in micro_batches:                   # one image size each
+                records += _decode_micro_batch(model, mb, vocab, gold_tokens, device, amp_dtype, gold_scores,
+                                               **decoding)
+                bar.update(len(mb['indices']))
+    records.sort(key=lambda r: r.index)
+    return records

@@ -15,7 +15,7 @@ TINY_DEMO_SIZES = {'openai': (32, 8, 8), 'math': (32, 8, 8), 'chemistry': (32, 8
 
 @pytest.fixture(scope='session')
 def demo_root(tmp_path_factory):
-    """Path (str) of a tiny demo root in the DESIGN.md layout, rendered once per test session by
+    """Path (str) of a tiny demo root in the data layout of docs/formats.md, rendered once per test session by
     render.write_demo (seed 0): all three domains, TINY_DEMO_SIZES images per split, math and
     chemistry already clustered by proc.kmeans_for_img_size. Shared by every test: treat it as
     read-only; copy it (shutil.copytree) before changing anything in it."""

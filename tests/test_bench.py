@@ -123,3 +123,34 @@ def test_cuda_variants(monkeypatch, bf16_ok):
     assert bench.train_variants(fake) == [('fp32', False, False, True), ('bf16', False, False, True)]
     args.channels_last = True
     assert len(bench.train_variants(fake)) == 4
+
+
+def test_learn_benchmark_tiny_budget(tmp_path):
+    """bench.py --learn end to end at a tiny budget: renders the fixed set, trains, evaluates val and
+    test, diagnoses, writes learn.json and learn.png; the training loss goes down."""
+    tiny = '--Adam --batchsz 8 --d_model 64 --nhead 4 --num_layers 2 --dim_ff 128 --initlr 1e-3 --ctc 0.5'
+    res = bench.main(['--learn', '--budget', '12', '--learn_n', '40', '--learn_root', str(tmp_path / 'set'),
+                      '--learn_out', str(tmp_path / 'out'), '--train_args', tiny])
+    saved = json.loads((tmp_path / 'out' / 'learn.json').read_text())
+    assert set(saved) >= {'meta', 'train_args', 'budget', 'steps', 'curve', 'val_curve', 'val', 'test',
+                          'diagnostics', 'images_per_s', 'train_wall_s', 'wall_s'}
+    assert saved['budget'] == {'steps': 12} and saved['steps'] == 12 and res['steps'] == 12
+    for split in ('val', 'test'):
+        assert set(saved[split]) >= {'bleu4', 'exact_match', 'edit_accuracy'} and saved[split]['n'] == 4
+    curve = saved['curve']
+    assert len(curve) == 12 and curve[-1]['ce'] < curve[0]['ce']
+    d = saved['diagnostics']
+    assert set(d) >= {'ce_true', 'ce_shuffled', 'ce_blank', 'attention_entropy', 'attention_uniform_entropy',
+                      'grad_norms'}
+    assert 0 < d['attention_entropy'] <= d['attention_uniform_entropy'] + 1e-6
+    assert set(d['grad_norms']) == {'backbone', 'nonlocal', 'projection', 'decoder'}
+    with open(tmp_path / 'out' / 'learn.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_parse_budget():
+    assert bench.parse_budget('600') == {'steps': 600}
+    assert bench.parse_budget('10min') == {'minutes': 10.0}
+    assert bench.parse_budget('90s') == {'minutes': 1.5}
+    with pytest.raises(ValueError):
+        bench.parse_budget('soon')

@@ -31,7 +31,7 @@ def ink_image(h, w, seed):
 
 
 def make_root(root, n=12, domain='openai', splits=('train', 'val'), formulas=None):
-    """A data root in the DESIGN layout with n images per split (sizes cycling through SIZES)."""
+    """A data root in the data layout of docs/formats.md with n images per split (sizes cycling through SIZES)."""
     idir = data.image_dir(root, domain)
     os.makedirs(idir, exist_ok=True)
     for split in splits:

@@ -1,5 +1,6 @@
-"""test.py: metrics against hand computations, prediction files, decoding records, transcription of
-mixed image files, teacher selection, out-of-vocab gold tokens and an end-to-end run on the demo data."""
+"""test.py, metrics.py and transformer.decode_dataset: metrics against hand computations, prediction
+files, decoding records, transcription of mixed image files, teacher selection, out-of-vocab gold
+tokens and an end-to-end run on the demo data."""
 import json
 import math
 import os
@@ -14,7 +15,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path[0] != REPO:
     sys.path.insert(0, REPO)   # the standard library has a package named `test`: ours must win
 import data
+import metrics
 import test as ev
+import transformer
+import utils
 
 assert os.path.dirname(os.path.abspath(ev.__file__)) == REPO, (
     f'imported {ev.__file__} instead of {REPO}/test.py (the standard library\'s test package?)')
@@ -40,7 +44,7 @@ def T(s):
 
 def test_bleu_perfect_match_is_100():
     golds = [T('\\frac { a } { b }'), T('x ^ { 2 } + y ^ { 2 }')]
-    assert ev.bleu4(golds, [list(g) for g in golds]) == pytest.approx(100.0)
+    assert metrics.bleu4(golds, [list(g) for g in golds]) == pytest.approx(100.0)
 
 
 def test_bleu_pools_ngram_counts_over_the_corpus():
@@ -49,47 +53,47 @@ def test_bleu_pools_ngram_counts_over_the_corpus():
     # corpus: 8/9, 6/7, 4/5, 2/3; hyp length 9 = ref length 9 -> BP 1
     golds, preds = [T('a b c d e'), T('x y z w')], [T('a b c d f'), T('x y z w')]
     expected = 100 * (8 / 9 * 6 / 7 * 4 / 5 * 2 / 3) ** 0.25
-    assert ev.bleu4(golds, preds) == pytest.approx(expected, abs=1e-9)
+    assert metrics.bleu4(golds, preds) == pytest.approx(expected, abs=1e-9)
     # not the mean of sentence BLEUs (sentence 1 alone: (4/5 3/4 2/3 1/2)^(1/4))
     s1 = 100 * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
-    assert ev.bleu4(golds, preds) != pytest.approx((s1 + 100) / 2, abs=1e-3)
+    assert metrics.bleu4(golds, preds) != pytest.approx((s1 + 100) / 2, abs=1e-3)
 
 
 def test_bleu_clips_repeated_ngrams():
     # gold a b a c, pred a a a a: unigram 'a' clipped to 2 of 4; 2-gram 'a a' never in gold -> 0 (no smoothing)
-    assert ev.bleu4([T('a b a c')], [T('a a a a')]) == 0.0
+    assert metrics.bleu4([T('a b a c')], [T('a a a a')]) == 0.0
     # gold a a b c d, pred a a a b c d: 1-grams 5/6 (a clipped 3->2), 2-grams 4/5 (a a clipped 2->1),
     # 3-grams 3/4 (a a a absent), 4-grams 2/3; pred longer -> BP 1
     expected = 100 * (5 / 6 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25
-    assert ev.bleu4([T('a a b c d')], [T('a a a b c d')]) == pytest.approx(expected, abs=1e-9)
+    assert metrics.bleu4([T('a a b c d')], [T('a a a b c d')]) == pytest.approx(expected, abs=1e-9)
 
 
 def test_bleu_zero_4gram_count_gives_zero():
     # 1-, 2-, 3-gram matches exist but no 4-gram matches: multi-bleu.perl gives exactly 0
     golds, preds = [T('a b c d e')], [T('a b c x e')]
-    assert ev.bleu4(golds, preds) == 0.0
+    assert metrics.bleu4(golds, preds) == 0.0
     # predictions too short to have any 4-gram (total 0): also 0, as multi-bleu.perl
-    assert ev.bleu4([T('a b c')], [T('a b c')]) == 0.0
+    assert metrics.bleu4([T('a b c')], [T('a b c')]) == 0.0
 
 
 def test_bleu_brevity_penalty_by_hand():
     # pred is a 6-token prefix of an 8-token gold: every n-gram precision is 1, BP = exp(1 - 8/6)
     golds, preds = [T('a b c d e f g h')], [T('a b c d e f')]
-    assert ev.bleu4(golds, preds) == pytest.approx(100 * math.exp(1 - 8 / 6), abs=1e-9)  # 71.653...
+    assert metrics.bleu4(golds, preds) == pytest.approx(100 * math.exp(1 - 8 / 6), abs=1e-9)  # 71.653...
 
 
 def test_bleu_with_empty_predictions():
     # one empty prediction: hyp length 4, ref length 8 -> BP exp(1 - 8/4) = 1/e; precisions 4/4 3/3 2/2 1/1
     golds, preds = [T('a b c d'), T('e f g h')], [T('a b c d'), []]
-    assert ev.bleu4(golds, preds) == pytest.approx(100 / math.e, abs=1e-9)
+    assert metrics.bleu4(golds, preds) == pytest.approx(100 / math.e, abs=1e-9)
     # all predictions empty -> 0; no samples -> 0
-    assert ev.bleu4([T('a b c d')], [[]]) == 0.0
-    assert ev.bleu4([], []) == 0.0
+    assert metrics.bleu4([T('a b c d')], [[]]) == 0.0
+    assert metrics.bleu4([], []) == 0.0
 
 
 def test_bleu_rejects_length_mismatch():
     with pytest.raises(ValueError):
-        ev.bleu4([T('a')], [])
+        metrics.bleu4([T('a')], [])
 
 
 def test_edit_metrics_by_hand():
@@ -97,10 +101,10 @@ def test_edit_metrics_by_hand():
     # () vs (): 0, max 0 ; (a b) vs (): 2, max 2
     golds = [T('a b c'), [], T('a b')]
     preds = [T('a x c d'), [], []]
-    assert ev.edit_accuracy(golds, preds) == pytest.approx(1 - (2 + 0 + 2) / (4 + 0 + 2))
-    assert ev.normalized_edit_distance(golds, preds) == pytest.approx((2 / 4 + 0 + 2 / 2) / 3)
-    assert ev.exact_match(golds, preds) == pytest.approx(1 / 3)
-    m = ev.compute_metrics(golds, preds)
+    assert metrics.edit_accuracy(golds, preds) == pytest.approx(1 - (2 + 0 + 2) / (4 + 0 + 2))
+    assert metrics.normalized_edit_distance(golds, preds) == pytest.approx((2 / 4 + 0 + 2 / 2) / 3)
+    assert metrics.exact_match(golds, preds) == pytest.approx(1 / 3)
+    m = metrics.compute_metrics(golds, preds)
     assert set(m) == {'bleu4', 'edit_accuracy', 'norm_edit_distance', 'exact_match', 'n'}
     assert m['n'] == 3
     assert m['edit_accuracy'] == pytest.approx(1 / 3)
@@ -109,21 +113,21 @@ def test_edit_metrics_by_hand():
 
 def test_edit_distance_is_over_tokens_not_characters():
     # one token replaced (\alpha -> \beta) is distance 1, although 4 characters differ
-    assert ev.edit_accuracy([T('\\alpha + 1')], [T('\\beta + 1')]) == pytest.approx(1 - 1 / 3)
+    assert metrics.edit_accuracy([T('\\alpha + 1')], [T('\\beta + 1')]) == pytest.approx(1 - 1 / 3)
     # a transposition is 2 edits in Levenshtein distance
-    assert ev.normalized_edit_distance([T('a b')], [T('b a')]) == pytest.approx(1.0)
+    assert metrics.normalized_edit_distance([T('a b')], [T('b a')]) == pytest.approx(1.0)
 
 
 def test_metrics_of_empty_and_perfect_inputs():
-    assert ev.edit_accuracy([[], []], [[], []]) == 1.0
-    assert ev.normalized_edit_distance([[]], [[]]) == 0.0
-    m = ev.compute_metrics([], [])
+    assert metrics.edit_accuracy([[], []], [[], []]) == 1.0
+    assert metrics.normalized_edit_distance([[]], [[]]) == 0.0
+    m = metrics.compute_metrics([], [])
     assert m == {'bleu4': 0.0, 'edit_accuracy': 1.0, 'norm_edit_distance': 0.0, 'exact_match': 0.0, 'n': 0}
     golds = [T('x = 1'), T('\\sqrt { 2 }')]
-    m = ev.compute_metrics(golds, golds)
+    m = metrics.compute_metrics(golds, golds)
     assert (m['edit_accuracy'], m['norm_edit_distance'], m['exact_match']) == (1.0, 0.0, 1.0)
     # all predictions empty
-    m = ev.compute_metrics(golds, [[], []])
+    m = metrics.compute_metrics(golds, [[], []])
     assert (m['bleu4'], m['edit_accuracy'], m['norm_edit_distance'], m['exact_match']) == (0.0, 0.0, 1.0, 0.0)
 
 
@@ -167,7 +171,7 @@ def test_read_predictions_names_bad_line(tmp_path):
 
 
 def test_record_is_a_tuple_and_a_mapping():
-    r = ev.Record(3, ['a'], ['b'], -1.0, -2.0)
+    r = transformer.Record(3, ['a'], ['b'], -1.0, -2.0)
     index, gold, pred, sp, sg = r
     assert (index, gold, pred, sp, sg) == (3, ['a'], ['b'], -1.0, -2.0)
     assert (r['pred'], r['score_gold'], r[3], r.index) == (['b'], -2.0, -1.0, 3)
@@ -179,10 +183,10 @@ def test_record_is_a_tuple_and_a_mapping():
 def test_crop_to_ink_pads_and_keeps_resolution():
     page = np.full((100, 200), 255, np.uint8)
     page[40:50, 60:90] = 0
-    out = ev.crop_to_ink(page, pad=8)
+    out = utils.crop_to_ink(page, pad=8)
     assert out.shape == (10 + 16, 30 + 16)
     assert (out[8:18, 8:38] == 0).all() and (out[:8] == 255).all() and (out[:, -8:] == 255).all()
-    assert ev.crop_to_ink(np.full((10, 10), 255, np.uint8)) is None
+    assert utils.crop_to_ink(np.full((10, 10), 255, np.uint8)) is None
     with pytest.raises(ValueError, match='blank'):
         ev.preprocess_image(np.full((10, 10), 250, np.uint8), 'crop')
     big = np.zeros((100, 3000), np.uint8)
@@ -220,7 +224,6 @@ def tiny_root(tmp_path_factory):
 
 
 def _tiny_model(vocab_size, seed):
-    import transformer
     torch.manual_seed(seed)
     return transformer.build_model({'vocab_size': vocab_size, 'd_model': 32, 'nhead': 2, 'num_layers': 1,
                                     'dim_ff': 64, 'max_len': 32}).eval()
@@ -322,11 +325,11 @@ def test_gold_tokens_outside_the_vocab_count_as_errors(tiny_root, tiny_ckpts):
     ds = data.FormulaDataset(tiny_root, 'math', 'test', vocab=vocab)
     oracle = _Oracle([_draw(i) for i in range(len(LABELS))], ds.tokens, vocab)
     loader, _ = data.make_loader(ds, 2, shuffle=False)
-    records = ev.decode_dataset(oracle, loader, vocab, max_len=50, progress=False)
+    records = transformer.decode_dataset(oracle, loader, vocab, max_len=50, progress=False)
     assert [r.index for r in records] == list(range(len(LABELS)))
     assert records[3].gold == ['\\sqrt', '{', 'x', '}'] and records[3].pred == ['<unk>', '{', 'x', '}']
     assert records[0]['score_gold'] == -1.0
-    m = ev.compute_metrics([r.gold for r in records], [r.pred for r in records])
+    m = metrics.compute_metrics([r.gold for r in records], [r.pred for r in records])
     n_tokens = sum(len(data.tokenize(x)) for x in LABELS)
     assert m['exact_match'] == pytest.approx(4 / 5)
     assert m['edit_accuracy'] == pytest.approx(1 - 1 / n_tokens)
@@ -384,7 +387,7 @@ def test_image_transcription_of_a_mixed_folder(tiny_ckpts, tmp_path, capsys):
     assert not any(latex[p].startswith('ERROR') for p in good)
     # every mode converts to the same gray image, so the same transcription as a direct model call
     vocab = data.Vocab(tiny_ckpts['itos'])
-    expected = ' '.join(_direct(tiny_ckpts['student'], vocab, [ev.crop_to_ink(page)])[0])
+    expected = ' '.join(_direct(tiny_ckpts['student'], vocab, [utils.crop_to_ink(page)])[0])
     for p in good:
         if not p.endswith('.jpg'):
             assert latex[p] == expected, p
@@ -456,7 +459,7 @@ def test_end_to_end_on_demo_data(demo_root, tmp_path, capsys):
     assert meta['n'] == len(test_ds) and meta['weights'] == 'student' and meta['split'] == 'test'
     assert meta['checkpoint'] == os.path.abspath(ckpt) and meta['args']['max_len'] == 8
     assert meta['search_errors'] == sum(r.gold != r.pred and r.score_gold > r.score_pred + 1e-4 for r in rows)
-    m = ev.compute_metrics([r.gold for r in rows], [r.pred for r in rows])
+    m = metrics.compute_metrics([r.gold for r in rows], [r.pred for r in rows])
     assert meta['bleu4'] == pytest.approx(m['bleu4']) and meta['exact_match'] == pytest.approx(m['exact_match'])
     page = report.read_text(encoding='utf-8')
     assert page.count('<tr>') == 1 + 3 and 'data:image/png;base64,' in page

@@ -12,7 +12,8 @@ from torch import nn
 
 from data import EOS, PAD, SOS, UNK
 from non_local_emb_gaussian import NonLocalBlock2D
-from transformer import Im2LatexModel, build_model, extend_vocab, gnmt_length_penalty, load_checkpoint
+from checkpoint import load_checkpoint
+from transformer import Im2LatexModel, build_model, extend_vocab, gnmt_length_penalty
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -335,7 +336,7 @@ def test_max_len_bound(small_model):
 # checkpoints
 
 def _checkpoint(model, vocab, teacher=None, **extra):
-    """A checkpoint dict as train.py writes it (INTERFACES.md)."""
+    """A checkpoint dict as train.py writes it (docs/formats.md, "Checkpoints")."""
     return {'format_version': 1, 'model': model.state_dict(),
             'teacher': None if teacher is None else teacher.state_dict(),
             'optimizer': {}, 'scheduler': {}, 'scaler': None, 'epoch': 3, 'step': 120, 'batch_in_epoch': 0,
@@ -499,3 +500,43 @@ def test_backbone_weights_errors_name_the_file(fake_imagenet_file, tmp_path):
         Im2LatexModel(20, backbone_weights=b3, **SMALL)
     with pytest.raises(FileNotFoundError, match='absent.pth'):
         Im2LatexModel(20, backbone_weights=tmp_path / 'absent.pth', **SMALL)
+
+
+def test_ctc_head_shapes_and_vocab_extension():
+    """The auxiliary CTC head emits ctc_frames frames per image column, in F.ctc_loss's (T, B, V) layout,
+    normalised log-probs; extend_vocab keeps every old class's head outputs exactly, frame by frame."""
+    torch.manual_seed(0)
+    model = Im2LatexModel(30, **SMALL, memory_norm=True, ctc_frames=3).eval()
+    images = torch.rand(2, 1, 32, 96)                 # stride 16: 2 x 6 positions -> 6 columns
+    tgt = torch.randint(4, 30, (2, 5))
+    with torch.no_grad():
+        logits, log_probs = model(images, tgt, ctc=True)
+        raw = model.ctc_head(model.encoder.content(images).mean(1))   # (B, w, 3 * V)
+    assert logits.shape == (2, 5, 30) and log_probs.shape == (6 * 3, 2, 30)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(18, 2), atol=1e-5)
+    assert torch.equal(logits, model(images, tgt))    # the head does not change the decoder's output
+    extend_vocab(model, 34)
+    with torch.no_grad():
+        raw2 = model.ctc_head(model.encoder.content(images).mean(1))  # (B, w, 3 * 34)
+    assert torch.allclose(raw2.view(2, 6, 3, 34)[..., :30], raw.view(2, 6, 3, 30), atol=1e-6)
+    assert model.ctc_log_probs(model.encoder.content(images)).shape == (18, 2, 34)
+
+
+def test_memory_norm_and_ctc_default_off_for_old_hparams():
+    """Checkpoints written before memory_norm / ctc_frames existed lack the keys: they rebuild without
+    the LayerNorm and the head, so their state dicts load strictly."""
+    old = Im2LatexModel(30, **SMALL)
+    hp = {k: v for k, v in old.hparams.items() if k not in ('memory_norm', 'ctc_frames')}
+    rebuilt = build_model(hp)
+    assert rebuilt.encoder.norm is None and rebuilt.ctc_head is None
+    rebuilt.load_state_dict(old.state_dict(), strict=True)
+    new = build_model({**hp, 'memory_norm': True})
+    memory = new.encode(torch.rand(3, 1, 32, 96)) - transformer_positions(2, 6)
+    assert torch.allclose(memory.mean(-1), torch.zeros(3, 12), atol=1e-5)   # LayerNorm'd content
+    with pytest.raises(ValueError, match='no CTC head'):
+        rebuilt.ctc_log_probs(torch.zeros(1, 2, 6, SMALL['d_model']))
+
+
+def transformer_positions(h, w):
+    from transformer import sinusoid_2d
+    return sinusoid_2d(h, w, SMALL['d_model'])

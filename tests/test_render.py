@@ -1,4 +1,5 @@
-"""render.py: rendering, mathtext rewrites, generators, pre_vocab coverage, demo layout, image metrics."""
+"""render.py, formulas.py and the image metrics of metrics.py: rendering, mathtext rewrites, generators,
+pre_vocab coverage, demo layout, image metrics."""
 import os
 import time
 
@@ -7,6 +8,8 @@ import pytest
 from PIL import Image
 
 import data
+import formulas
+import metrics
 import proc
 import render
 from data import DOMAINS, SPLITS, detokenize, tokenize
@@ -163,7 +166,7 @@ def test_latex_renderer_missing(monkeypatch, tmp_path):
     with pytest.raises(render.RenderError, match='dvipng'):
         render.write_demo(tmp_path / 'd', renderer='latex', sizes={d: (1, 1, 1) for d in DOMAINS}, quiet=True)
     with pytest.raises(render.RenderError, match='dvipng'):
-        render.image_metrics(['x'], ['x'], renderer='latex')
+        metrics.image_metrics(['x'], ['x'], renderer='latex')
     assert render.main(['--root_dir', str(tmp_path / 'd'), '--renderer', 'latex']) == 2
     assert not os.path.exists(tmp_path / 'd')
 
@@ -187,7 +190,7 @@ def test_generators_deterministic_and_round_trip():
 
 def test_openai_lengths_like_im2latex():
     lens = np.array([len(tokenize(render.make_sample('openai', 0, 'train', i)['label'])) for i in range(300)])
-    assert lens.max() <= render.MAX_TOKENS
+    assert lens.max() <= formulas.MAX_TOKENS
     assert 40 <= lens.mean() <= 90          # im2latex-100k: mean ~60 tokens
     assert (lens < 25).mean() > 0.1 and (lens > 100).mean() > 0.05
 
@@ -345,37 +348,37 @@ def test_cli_single_formula_and_demo(tmp_path, capsys):
 
 def test_compare_images():
     img = render.render_latex(r'x^{2} + \frac{a}{b}')
-    r = render.compare_images(img, img.copy())
+    r = metrics.compare_images(img, img.copy())
     assert r['match'] and r['col_edit'] == 0 and r['col_len'] > 10
     # one extra ink column: no match, edit distance 1
     extra = np.concatenate([img[:, :5], np.where(np.arange(img.shape[0])[:, None] % 2 == 0, 0, 255)
                             .astype(np.uint8), img[:, 5:]], axis=1)
-    r = render.compare_images(img, extra)
+    r = metrics.compare_images(img, extra)
     assert not r['match'] and r['col_edit'] == 1
-    assert r['col_len'] == render.compare_images(img, img)['col_len'] + 1
+    assert r['col_len'] == metrics.compare_images(img, img)['col_len'] + 1
     # blank columns (margins, gaps) and blank rows at the bottom are ignored
     wide = np.pad(img, ((0, 7), (9, 13)), constant_values=255)
     gap = np.concatenate([img[:, :8], np.full((img.shape[0], 6), 255, np.uint8), img[:, 8:]], axis=1)
-    assert render.compare_images(img, wide)['match']
-    assert render.compare_images(gap, img)['match']
+    assert metrics.compare_images(img, wide)['match']
+    assert metrics.compare_images(gap, img)['match']
     # light gray (> 128) is background after binarization
-    assert render.compare_images(img, np.where(img == 255, 200, img).astype(np.uint8))['match']
+    assert metrics.compare_images(img, np.where(img == 255, 200, img).astype(np.uint8))['match']
     # a different formula differs
     other = render.render_latex(r'x^{3} + \frac{a}{b}')
-    r = render.compare_images(img, other)
+    r = metrics.compare_images(img, other)
     assert not r['match'] and 0 < r['col_edit'] <= r['col_len']
 
 
 def test_image_metrics():
     golds = [r'\frac{a}{b} + c', r'x^{2}', r'\alpha \beta', r'\sum_{i} i']
-    perfect = render.image_metrics(golds, golds, workers=1)
+    perfect = metrics.image_metrics(golds, golds, workers=1)
     assert perfect['image_match'] == 1.0 and perfect['column_edit_accuracy'] == 1.0
     assert perfect['render_failures_pred'] == 0 and perfect['n'] == 4
     preds = [r'{a \over b} + c',              # other tokens, same image: a match
              r'x^{3}',                         # wrong
              r'\begin{array}{c} x \end{array}',  # does not render: a mismatch
              r'\sum _ { i } i']                # tokenized form of the gold: a match
-    m = render.image_metrics(golds, preds, workers=1, per_sample=True)
+    m = metrics.image_metrics(golds, preds, workers=1, per_sample=True)
     assert m['image_match'] == 0.5 and m['render_failures_pred'] == 1 and m['render_failures_gold'] == 0
     assert 0.0 < m['column_edit_accuracy'] < 1.0
     s = m['samples']
@@ -384,20 +387,20 @@ def test_image_metrics():
     edits = sum(x['col_edit'] for x in s)
     assert m['column_edit_accuracy'] == pytest.approx(1 - edits / sum(x['col_len'] for x in s))
     # an empty prediction is a mismatch; a gold that cannot render is left out and counted
-    m = render.image_metrics([r'x', r'\begin{array}{c} x \end{array}'], ['', 'x'], workers=1)
+    m = metrics.image_metrics([r'x', r'\begin{array}{c} x \end{array}'], ['', 'x'], workers=1)
     assert m['n'] == 1 and m['render_failures_gold'] == 1 and m['image_match'] == 0.0
     assert m['render_failures_pred'] == 1
     # token lists work, and the pool gives the same result as one process
     many_g = [tokenize(g) for g in golds] * 10
     many_p = [tokenize(p) for p in preds] * 10
-    assert render.image_metrics(many_g, many_p, workers=2) == render.image_metrics(many_g, many_p, workers=1)
+    assert metrics.image_metrics(many_g, many_p, workers=2) == metrics.image_metrics(many_g, many_p, workers=1)
     with pytest.raises(ValueError):
-        render.image_metrics(['x'], [])
+        metrics.image_metrics(['x'], [])
 
 
 def test_image_metrics_baseline_alignment():
     """A prediction that only adds a trailing superscript changes only the last columns (both renders are
     aligned on their baselines, as on a page), not every column."""
-    m = render.image_metrics([r'a + b + c + d'], [r'a + b + c + d^{2}'], workers=1, per_sample=True)
+    m = metrics.image_metrics([r'a + b + c + d'], [r'a + b + c + d^{2}'], workers=1, per_sample=True)
     s = m['samples'][0]
     assert not s['match'] and s['col_edit'] < s['col_len'] / 3

@@ -1,6 +1,7 @@
 """train.py: schedules, mean-teacher pieces, and short real runs on CPU (overfit, resume, NaN skip,
 --init_from vocab extension, --split_batch, --mean_teacher, 2-process torchrun)."""
 import io
+import json
 import math
 import os
 import random
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
 import render
 import train
@@ -150,8 +152,9 @@ def test_adam_exponential_schedule_expected_lr():
     assert isinstance(opt, torch.optim.Adam)
     for epoch in range(4):
         assert opt.param_groups[0]['lr'] == pytest.approx(1e-3 * 0.5 ** epoch)
-        opt.step()
-        sched.step()                                          # once per epoch
+        for _ in range(10):                                   # per step: 10 steps an epoch
+            opt.step()
+            sched.step()
 
 
 def test_weight_decay_skips_biases_and_norms():
@@ -179,7 +182,7 @@ def test_overfit_reaches_high_exact_match(uniform_root, tmp_path):
     assert (run_dir / 'last.pt').exists() and (run_dir / 'best.pt').exists()
     assert (run_dir / 'args.json').exists() and list((run_dir / 'tb').iterdir())
     ckpt = load(run_dir / 'best.pt')
-    assert ckpt['format_version'] == train.CKPT_FORMAT and ckpt['epoch'] >= 1
+    assert ckpt['format_version'] == checkpoint.FORMAT_VERSION and ckpt['epoch'] >= 1
     assert ckpt['args']['batchsz'] == 32 and ckpt['vocab'][:4] == list(data.SPECIALS)
     assert all(torch.is_tensor(v) for v in ckpt['model'].values())
 
@@ -317,3 +320,64 @@ def test_torchrun_two_processes_gloo(uniform_root, tmp_path):
     ckpt = load(tmp_path / 'math' / 'last.pt')
     assert ckpt['step'] == 2                                   # 4 batches of 8 shared by 2 ranks
     assert not any(k.startswith('module.') for k in ckpt['model'])
+
+
+# -----------------------------------------------------------------------------
+# learning-recipe pieces: warm-up, step budget, CTC auxiliary loss, history
+
+def test_warmup_scales_the_schedule_linearly():
+    for opt in (['--Adam'], []):
+        args = train.get_args(opt + ['--warmup', '4', '--initlr', '0.01', '--epochs', '2'])
+        plain = train.get_args(opt + ['--initlr', '0.01', '--epochs', '2'])
+        for step in range(8):
+            lr, _ = train.lr_schedule(args, step, 10)
+            base, _ = train.lr_schedule(plain, step, 10)
+            assert lr == pytest.approx(base * min(1.0, (step + 1) / 4))
+
+
+def test_ctc_loss_by_hand():
+    """Three frames, vocab {blank=<pad>, <sos>, <eos>, a}: target `a`. The frames put probability p_t on
+    `a` and 1 - p_t on blank; the paths that emit `a` are a--, -a-, --a, aa-, -aa, aaa (CTC collapses
+    repeats), so P = sum of those products."""
+    a = 3
+    p = torch.tensor([0.6, 0.3, 0.2])
+    probs = torch.full((3, 1, 4), 1e-9)
+    probs[:, 0, a], probs[:, 0, data.PAD] = p, 1 - p
+    log_probs = probs.log()
+    tgt_out = torch.tensor([[a, data.EOS, data.PAD]])
+    q = 1 - p
+    paths = (p[0] * q[1] * q[2] + q[0] * p[1] * q[2] + q[0] * q[1] * p[2] + p[0] * p[1] * q[2]
+             + q[0] * p[1] * p[2] + p[0] * p[1] * p[2])
+    assert float(train.ctc_loss(log_probs, tgt_out)) == pytest.approx(-math.log(float(paths)), rel=1e-4)
+    too_long = torch.tensor([[a, a, a, a, data.EOS]])              # 4 tokens (3 repeats) in 3 frames
+    assert float(train.ctc_loss(log_probs, too_long)) == 0.0        # cannot align: counted as 0
+
+
+def test_objective_adds_the_ctc_part_weighted():
+    args = train.get_args(['--ctc', '0.5'])
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6)
+    tgt_out = torch.tensor([[4, 5, data.EOS], [5, data.EOS, data.PAD]])
+    log_probs = torch.randn(4, 2, 6).log_softmax(-1)
+    out = {'logits': logits, 'tgt_out': tgt_out, 'labeled': True, 'teacher_logits': None,
+           'ctc_log_probs': log_probs, 'n_tok': 5}
+    total, parts = train.objective(args, out, train.loss_weights(args, 0.0))
+    assert set(parts) == {'ce', 'ctc'}
+    assert float(parts['ctc']) == pytest.approx(float(train.ctc_loss(log_probs, tgt_out)) / 5)
+    assert float(total) == pytest.approx(float(parts['ce'] + 0.5 * parts['ctc']))
+
+
+def test_max_steps_budget_history_and_ctc_run(uniform_root, tmp_path):
+    """--max_steps 3 (an epoch has 4 steps at batch 8): 3 optimizer steps, validated and saved at the
+    budget; history.jsonl holds a row per step with the CTC part and the validation row."""
+    state = run(uniform_root, tmp_path, '--Adam', '--batchsz', '8', '--max_steps', '3', '--ctc', '0.3',
+                '--warmup', '2')
+    assert state['step'] == 3 and state['epoch'] == 1
+    ckpt = load(tmp_path / 'math' / 'last.pt')
+    assert ckpt['step'] == 3 and ckpt['hparams']['ctc_frames'] == train.CTC_FRAMES
+    assert ckpt['hparams']['memory_norm'] is True
+    rows = [json.loads(line) for line in (tmp_path / 'math' / 'history.jsonl').read_text().splitlines()]
+    steps = [r for r in rows if 'loss' in r]
+    assert [r['step'] for r in steps] == [1, 2, 3]
+    assert all(r['ctc'] > 0 and r['loss'] == pytest.approx(r['ce'] + 0.3 * r['ctc'], rel=1e-5) for r in steps)
+    assert rows[-1]['step'] == 3 and set(rows[-1]['val']) >= {'bleu4', 'exact_match', 'edit_accuracy'}
