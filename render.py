@@ -76,10 +76,11 @@ PAD = 4                # white margin (px) around the cropped ink of render_late
 RENDERERS = ('mathtext', 'latex')
 # Default demo sizes (train, val, test) per domain. Measured CPU cost per image (mathtext, matplotlib 3.11):
 # openai ~45 ms (long formulas, page-size renders + Deng processing), chemistry ~25 ms, math ~8 ms, so
-# the default demo (3000 images, ~105-120 CPU-s) renders in about a minute on 2 idle cores (~3 min on a
-# 2-core machine shared with 3-4 other busy processes), leaving the README quick start (render + a short
-# CPU training run) within ~10 minutes. `--n` scales it for real runs.
-DEMO_SIZES = {'openai': (1500, 150, 150), 'math': (500, 50, 50), 'chemistry': (500, 50, 50)}
+# the default demo (6,600 images, ~135-150 CPU-s) renders in about 1.5 minutes on 2 idle cores, leaving
+# the README quick start (render + a short CPU training run) within ~10 minutes. math is the largest set:
+# the quick start trains on it (500 formulas seen 15 times taught the model the labels' language, not
+# reading; see README, "Learning"). `--n` scales it for real runs.
+DEMO_SIZES = {'openai': (1500, 150, 150), 'math': (4000, 400, 400), 'chemistry': (500, 50, 50)}
 EVAL_FRACTION = 0.1    # with --n N: val and test get round(0.1 * N) formulas each
 MAX_ATTEMPTS = 5       # a formula that does not render is replaced by the next candidate, at most this often
 MAX_CANDIDATES = 50    # val/test: candidates equal to a train formula are skipped, at most this many per sample
