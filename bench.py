@@ -1143,8 +1143,13 @@ def plot_learning(train_rows, val_rows, path, title):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot([r['step'] for r in train_rows], [r['ce'] for r in train_rows], lw=1)
+    steps, ce = [r['step'] for r in train_rows], [r['ce'] for r in train_rows]
+    k = 5                                                   # each point is one batch's CE: smooth it
+    smooth = [sum(ce[max(0, i - k + 1):i + 1]) / len(ce[max(0, i - k + 1):i + 1]) for i in range(len(ce))]
+    a.plot(steps, ce, lw=0.8, alpha=0.35, label='per logged step')
+    a.plot(steps, smooth, lw=1.6, label=f'mean of {k}')
     a.set(xlabel='step', ylabel='train CE (nats/token)', title='training loss')
+    a.legend()
     a.grid(alpha=0.3)
     steps = [r['step'] for r in val_rows]
     b.plot(steps, [r['val']['bleu4'] for r in val_rows], 'o-', label='BLEU-4')
@@ -1162,7 +1167,7 @@ def plot_learning(train_rows, val_rows, path, title):
 def learn_table(res):
     d = res['diagnostics']
     rows = [('recipe', res['train_args']), ('budget', json.dumps(res['budget'])),
-            ('steps / images', f'{res["steps"]} / {res["images"]}'),
+            ('steps', str(res['steps'])),
             ('train wall / images/s', f'{res["train_wall_s"]:.0f} s / {res["images_per_s"]:.1f}')]
     for split in ('val', 'test'):
         m = res[split]
@@ -1190,7 +1195,6 @@ def learn(args):
                     'threads': torch.get_num_threads(), 'seed': args.seed},
            'root': args.learn_root, 'domain': args.learn_domain, 'train_args': args.train_args, 'budget': args.budget,
            'steps': train_rows[-1]['step'] if train_rows else 0,
-           'images': train_rows[-1].get('images', 0) if train_rows else 0,
            'train_wall_s': train_wall, 'render_s': render_s,
            'images_per_s': train_rows[-1].get('images_per_s', 0.0) if train_rows else 0.0,
            'curve': [{k: r[k] for k in ('step', 'loss', 'ce', 'lr') if k in r} for r in train_rows],

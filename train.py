@@ -688,7 +688,7 @@ class Trainer:
         if init_note:
             self.log(init_note)
         if self.teacher is not None:
-            note = ema_horizon_note(args.ema_decay, self.steps_per_epoch * args.epochs)
+            note = ema_horizon_note(args.ema_decay, total_steps(args, self.steps_per_epoch))
             if note:
                 self.log(note)
 
