@@ -122,8 +122,11 @@ def objective(args, out, weights):
     sums = {}
     if out['labeled']:          # unlabeled targets are the teacher's own guesses: no CE on them
         sums['ce'] = supervised_loss(out['logits'], out['tgt_out'], args.label_smoothing)
-        if out['ctc_log_probs'] is not None:
-            sums['ctc'] = ctc_loss(out['ctc_log_probs'], out['tgt_out'])
+    if out['ctc_log_probs'] is not None:
+        # unlabeled: 0 x the head's output, so that the head takes part in this backward (under DDP the
+        # unlabeled micro-batch's backward is the one that syncs, and it needs every parameter)
+        sums['ctc'] = (ctc_loss(out['ctc_log_probs'], out['tgt_out']) if out['labeled']
+                       else 0.0 * out['ctc_log_probs'].sum())
     if out['teacher_logits'] is not None:
         sums['consistency'] = consistency_loss(out['logits'], out['teacher_logits'], mask,
                                                args.consistency_type)
@@ -507,7 +510,7 @@ class Trainer:
         tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]          # (B, T-1) each: <sos> a b | a b <eos>
         # no padding mask: padding is trailing, so the causal mask already hides it from every real token
         # (and the fused attention kernels stay available)
-        ctc = labeled and unwrap(self.model).ctc_head is not None
+        ctc = unwrap(self.model).ctc_head is not None
         with amp_context(self.device, self.amp_dtype):
             out = self.model(self.put(mb['images']), tgt_in, ctc=ctc)    # (B, T-1, V) [, (T', B, V)]
         logits, ctc_log_probs = out if ctc else (out, None)

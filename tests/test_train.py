@@ -381,3 +381,18 @@ def test_max_steps_budget_history_and_ctc_run(uniform_root, tmp_path):
     assert [r['step'] for r in steps] == [1, 2, 3]
     assert all(r['ctc'] > 0 and r['loss'] == pytest.approx(r['ce'] + 0.3 * r['ctc'], rel=1e-5) for r in steps)
     assert rows[-1]['step'] == 3 and set(rows[-1]['val']) >= {'bleu4', 'exact_match', 'edit_accuracy'}
+
+
+def test_torchrun_ctc_with_unlabeled_images(uniform_root, tmp_path):
+    """Under DDP the unlabeled micro-batch's backward is the one that syncs gradients; the CTC head must
+    take part in it (with a zero gradient), or DDP waits for it forever / raises."""
+    unlabeled = os.path.join(uniform_root, 'adaptation_data', 'math_images_resized')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(REPO, 'train.py'), '--root_dir', uniform_root, '--train_on', 'math',
+           '--out_dir', str(tmp_path), '--batchsz', '8', '--max_steps', '2', '--val_max', '8', '--ctc', '0.3',
+           '--mean_teacher', '--unlabeled', unlabeled, '--ema_decay', '0.9'] + TINY
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    res = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ckpt = load(tmp_path / 'math' / 'last.pt')
+    assert ckpt['step'] == 2 and ckpt['hparams']['ctc_frames'] > 0
