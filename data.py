@@ -31,7 +31,7 @@ SPECIALS = ('<pad>', '<sos>', '<eos>', '<unk>')
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
 CONTROL_SPACE = '\\ '        # the token of TeX's control space (`\ `)
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
-CACHE_VERSION = 1            # bump when the cache layout or what goes into it changes
+CACHE_VERSION = 2            # bump when the cache layout or what goes into it changes (2: glued tokens)
 DECODE_THREADS = min(4, os.cpu_count() or 1)   # Pillow releases the GIL while decoding
 HOW_TO_GET_DATA = ('make the demo data with `python3 render.py --root_dir {root}`, or import the real '
                    'im2latex-100k with `python3 proc.py --import_im2latex SRC --root_dir {root}`')
@@ -199,9 +199,21 @@ def to_tensor(u8):
 # -----------------------------------------------------------------------------
 # tokens
 
-# a command (\ + letters), a control symbol (\ + one other character, e.g. \{ \, \\ or \ + space),
-# a backslash at the very end, or one character; white space separates tokens and is dropped
-_TOKEN_RE = re.compile(r'\\(?:[A-Za-z]+|.|\Z)|\S', re.DOTALL)
+# As im2latex-100k's normalized formulas (im2markup's KaTeX normalizer) write them, some commands and
+# what follows them are one token: \begin{name} and \end{name} (environment names: letters and *),
+# \operatorname*, and \left / \right with their delimiter (\left( \right. \left\{ \right\rangle).
+# White space inside them is dropped, so '\begin { a r r a y }' and '\left (' read as '\begin{array}'
+# and '\left('. Otherwise: a command (\ + letters), a control symbol (\ + one other character, e.g.
+# \{ \, \\ or \ + space), a backslash at the very end, or one character; white space separates
+# tokens and is dropped.
+_GLUED = (r'\\(?:begin|end)\s*\{\s*[A-Za-z*](?:\s*[A-Za-z*])*\s*\}'
+          r'|\\operatorname\s*\*'
+          r'|\\(?:left|right)(?![A-Za-z])\s*(?:\\[A-Za-z]+|\\[^A-Za-z\s\\]|[()\[\]<>/|.])')
+_PLAIN = r'\\(?:[A-Za-z]+|.|\Z)|\S'
+_TOKEN_RE = re.compile(_GLUED + '|' + _PLAIN, re.DOTALL)
+_PLAIN_RE = re.compile(_PLAIN, re.DOTALL)
+_SPACED_GLUE_RE = re.compile(r'\\(?:begin|end|operatorname|left|right)(?![A-Za-z])\s|\\(?:begin|end)\s*\{[^}]*\s')
+_SPACE_RE = re.compile(r'\s+')
 _CONTROL_SPACE_RE = re.compile(r'\\(?:\s|\Z)')       # may also hit `\\ `: then the check below is a no-op
 
 
@@ -219,7 +231,9 @@ def tokenize(latex):
 
     Rules (docs/formats.md, "Tokens and vocab"): a command (`\\` + letters), a control symbol
     (`\\` + one non-letter, e.g. `\\{`, `\\,`, `\\\\`), or one character (any script); white space
-    separates tokens and is dropped.
+    separates tokens and is dropped. As in im2latex-100k's normalized formulas, `\\begin{name}`,
+    `\\end{name}`, `\\operatorname*` and `\\left` / `\\right` with their delimiter (`\\left(`, `\\right.`,
+    `\\left\\{`) are one token each, written without spaces whatever spaces the input had inside them.
     A backslash before white space (space, tab, newline) or at the very end of the text is TeX's
     control space (TeX reads the end of a line as a space, and plain TeX/LaTeX define `\\<tab>` and
     `\\<return>` as `\\ `): it becomes the token `\\ `, which detokenize writes back as `\\ ` so it
@@ -227,9 +241,18 @@ def tokenize(latex):
     if not latex.isascii() or not latex.isprintable():
         latex = _clean_text(latex)
     tokens = _TOKEN_RE.findall(latex)
+    if _SPACED_GLUE_RE.search(latex):   # rare: a glued token written with spaces ('\\left (')
+        tokens = [_SPACE_RE.sub('', t) if len(t) > 2 and t[0] == '\\' and t[1].isalpha() else t for t in tokens]
     if _CONTROL_SPACE_RE.search(latex):
         tokens = [CONTROL_SPACE if t[0] == '\\' and (len(t) == 1 or t[1].isspace()) else t for t in tokens]
     return tokens
+
+
+def unglue(tokens):
+    """Tokens with the glued ones split into the pieces TeX reads: '\\left(' -> '\\left', '(';
+    '\\operatorname*' -> '\\operatorname', '*'; '\\begin{array}' -> '\\begin', '{', 'a', ..., '}'.
+    For code that walks TeX's grammar token by token (render.py's mathtext rewrites)."""
+    return [p for t in tokens for p in (_PLAIN_RE.findall(t) if len(t) > 2 and t[0] == '\\' else (t,))]
 
 
 def detokenize(tokens):

@@ -63,7 +63,7 @@ import numpy as np
 from PIL import Image
 
 import formulas
-from data import DEFAULT_ROOT, DOMAINS, SPLITS, detokenize, label_path, tokenize
+from data import DEFAULT_ROOT, DOMAINS, SPLITS, detokenize, label_path, tokenize, unglue
 from utils import crop_to_ink, imap_progress, n_workers, process_pool, save_png, write_text
 
 # -----------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def _join(toks):
 def mathtext_source(latex, font='cm'):
     """LaTeX (raw or space-tokenized) -> the string handed to mathtext (without the $ $), after the
     rewrites of the module docstring. RenderError for what mathtext cannot draw."""
-    toks = tokenize(latex)
+    toks = unglue(tokenize(latex))    # '\\left(' -> '\\left', '(': the rewrites walk TeX's grammar
     if not toks:
         raise RenderError('empty formula')
     for t in toks:

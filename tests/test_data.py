@@ -83,9 +83,9 @@ REAL_FORMULAS = [
 
 def test_tokenize_known_tokens():
     assert data.tokenize(r'\frac{a}{b}') == ['\\frac', '{', 'a', '}', '{', 'b', '}']
-    assert data.tokenize(r'\left\{x\right.') == ['\\left', '\\{', 'x', '\\right', '.']
+    assert data.tokenize(r'\left\{x\right.') == ['\\left\\{', 'x', '\\right.']
     assert data.tokenize(r'a\\b\,c\;d\!e') == ['a', '\\\\', 'b', '\\,', 'c', '\\;', 'd', '\\!', 'e']
-    assert data.tokenize(r'\operatorname*{argmax}') == ['\\operatorname', '*', '{', 'a', 'r', 'g', 'm', 'a', 'x', '}']
+    assert data.tokenize(r'\operatorname*{argmax}') == ['\\operatorname*', '{', 'a', 'r', 'g', 'm', 'a', 'x', '}']
     assert data.tokenize(r'\hat{a}\alpha2') == ['\\hat', '{', 'a', '}', '\\alpha', '2']
     assert data.tokenize('\\%\\_\\&\\#\\$') == ['\\%', '\\_', '\\&', '\\#', '\\$']
 
@@ -100,6 +100,56 @@ def test_tokenize_round_trip_and_raw_equals_tokenized(latex):
     assert data.tokenize(joined.strip()) == tokens
     # nothing but white space is lost
     assert ''.join('\\' if t == data.CONTROL_SPACE else t for t in tokens) == ''.join(latex.split())
+
+
+# lines of im2latex-100k's normalized formulas (im2markup's formulas.norm.lst), as published
+IM2LATEX_NORM_LINES = [
+    r'\tilde { \alpha } = \alpha \beta ^ { - m } = \left( \begin{array} { c c c } { \omega _ { k } ^ { - 2 y } '
+    r'\omega _ { 2 d } ^ { 2 m } } & { 0 } & { 0 } \\ { 0 } & { \omega _ { k } ^ { y } \omega _ { 2 d } ^ { - m } } & '
+    r'{ 0 } \\ { 0 } & { 0 } & { \omega _ { k } ^ { y } \omega _ { 2 d } ^ { - m } } \\ \end{array} \right)',
+    r'\left\{ \begin{array} { l c l l } { \phi ~ ( \infty ) } & { = } & { 0 } & { , \vspace { 3 m m } } \\ '
+    r'{ \phi ~ ( 0 ) } & { = } & { 1 } & { . } \\ \end{array} \right.',
+    r'\left. \begin{array} { c c c } { S _ { \sigma \sigma ^ { \prime } } \nonumber } \\ { S _ { \Delta } '
+    r'\nonumber } \\ { \tilde { S } _ { \Delta } } \\ \end{array} \right\} \varpi = ( \varpi + 2 ) \left\{ '
+    r'\begin{array} { c c c } { S _ { \Delta } } \\ \end{array} \right. .',
+    r'\psi ( x ) = [ 2 \pi \sigma ^ { 2 } ] ^ { - 1 / 4 } \operatorname { e x p } \left[ - \left( \frac { x - '
+    r'x _ { 0 } } { 2 \sigma } \right) ^ { 2 } + i p _ { 0 } x \right] ,',
+    r'\hat { e } = e / \varepsilon , \ \ \ \hat { G } _ { 4 } = G _ { 4 } ,',
+    r'P _ { n } ^ { p } = \frac { ( - 1 ) ^ { p + n } } { n ! ( p - n ) ! } \mathop { { \prod } ^ { \prime } } '
+    r'_ { k = 0 } ^ { p } ( N - k ) , \quad n = 0 , . . . , p ,',
+    r'E _ { \mathrm { q u a s i l o c a l } } = \left( r \left[ 1 - \left| r , _ { y } \right| \right] \right) '
+    r'_ { y = y _ { + } }',
+    r'\operatorname* { l i m } _ { n \rightarrow \infty } a _ { n } = \left\langle x \right\rangle',
+    r'X = \begin{matrix} { a } & { b } \\ \end{matrix} + \begin{pmatrix} { 1 } \\ { 2 } \\ \end{pmatrix}',
+]
+
+
+@pytest.mark.parametrize('line', IM2LATEX_NORM_LINES)
+def test_tokenize_im2latex_normalized_lines(line):
+    """A line in the release's normalized form tokenizes to exactly its space-separated tokens, so BLEU on
+    the real data counts the tokens the published numbers count."""
+    # TeX's control space `\ ` is the token CONTROL_SPACE; split on white space it reads as `\`
+    tokens = ['\\' if t == data.CONTROL_SPACE else t for t in data.tokenize(line)]
+    assert tokens == line.split()
+
+
+def test_tokenize_glued_tokens():
+    assert data.tokenize(r'\begin{array} { c c } a & b \\ \end{array}') == \
+        ['\\begin{array}', '{', 'c', 'c', '}', 'a', '&', 'b', '\\\\', '\\end{array}']
+    # raw LaTeX and this project's older space-tokenized labels give the same glued tokens
+    for spaced in (r'\begin { a r r a y } { c c } a & b \\ \end { a r r a y }', r'\begin{array}{cc}a&b\\\end{array}',
+                   '\\begin {array}\n{cc} a&b \\\\ \\end{ array }'):
+        assert data.tokenize(spaced) == data.tokenize(r'\begin{array} { c c } a & b \\ \end{array}')
+    assert data.tokenize(r'\begin{align*} x \end{align*}') == ['\\begin{align*}', 'x', '\\end{align*}']
+    assert data.tokenize(r'\operatorname * {a}') == ['\\operatorname*', '{', 'a', '}']
+    assert data.tokenize(r'\left ( x \right \rangle') == ['\\left(', 'x', '\\right\\rangle']
+    # commands that only start like \left / \right, and what is no delimiter, stay apart
+    assert data.tokenize(r'\leftarrow \rightarrow \left x \right{') == \
+        ['\\leftarrow', '\\rightarrow', '\\left', 'x', '\\right', '{']
+    assert data.tokenize(r'\left\\ \begin x') == ['\\left', '\\\\', '\\begin', 'x']
+    # unglue gives the pieces TeX reads
+    assert data.unglue(data.tokenize(r'\left( \operatorname*{a} \begin{array}')) == \
+        ['\\left', '(', '\\operatorname', '*', '{', 'a', '}', '\\begin', '{', 'a', 'r', 'r', 'a', 'y', '}']
 
 
 def test_tokenize_edge_cases():

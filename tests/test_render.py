@@ -207,7 +207,8 @@ def test_pre_vocab_well_formed():
     assert len(lines) == len(set(lines)) == len(toks), 'duplicate lines in pre_vocab.txt'
     for t in toks:  # every entry is one token as tokenize() produces it
         assert tokenize(t) == [t], t
-    for must in [r'\frac', r'\left', r'\right', r'\\', r'\{', r'\,', r'\!', r'\;', r'\|', r'\begin', r'\end',
+    for must in [r'\frac', r'\left', r'\right', r'\\', r'\{', r'\,', r'\!', r'\;', r'\|', r'\begin{array}', r'\end{array}',
+                 r'\begin{pmatrix}', r'\begin{cases}', r'\begin{aligned}', r'\left(', r'\right.', r'\left\{', r'\operatorname*',
                  r'\mathbb', r'\cal', r'\rm', r'\longrightarrow', r'\rightleftharpoons', r'\xrightarrow',
                  r'\uparrow', r'\downarrow', r'\Delta', r'\cdot', '&', '{', '}', '^', '_', 'a', 'Z', '0',
                  data.CONTROL_SPACE]:
