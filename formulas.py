@@ -72,8 +72,11 @@ class OpenAIGenerator:
     groups, accents, Greek, old and new font commands, physics idioms; lengths from a few tokens
     to ~150."""
 
-    def __init__(self, rng):
+    ENV_SHARE = 0.1        # with environments=True: share of formulas that hold an environment
+
+    def __init__(self, rng, environments=False):
         self.rng = rng
+        self.environments = environments
 
     def letter(self):
         rng = self.rng
@@ -315,13 +318,61 @@ class OpenAIGenerator:
     def __call__(self):
         """A formula of about `target` tokens (im2latex-100k: mean ~60, at most 150 after Deng's filter)."""
         rng = self.rng
+        env = self.environments and rng.random() < self.ENV_SHARE
         r = rng.random()
         target = rng.randint(3, 20) if r < 0.35 else rng.randint(20, 60) if r < 0.85 else rng.randint(60, 130)
         for _ in range(20):  # redraw what comes out longer than MAX_TOKENS (tokenized)
-            out = self.formula(target)
+            out = self.environment() if env else self.formula(target)
             if len(tokenize(' '.join(out))) <= MAX_TOKENS:
                 return out
         return ['x']
+
+    def cell(self):
+        """One cell of an array / matrix, braced as im2latex-100k's normalized formulas write it."""
+        rng = self.rng
+        inner = self.number() if rng.random() < 0.3 else self.expr(2, 2) if rng.random() < 0.5 else self.atom(2)
+        return _braced(inner)
+
+    def grid(self, rows, cols):
+        """Rows of cells joined by & and \\\\ (no \\\\ after the last row)."""
+        out = []
+        for r in range(rows):
+            out += (['\\\\'] if r else []) + sum((([] if c == 0 else ['&']) + self.cell() for c in range(cols)), [])
+        return out
+
+    def environment(self):
+        """A formula with an environment: an array with column alignment in \\left( \\right), a matrix
+        (matrix, pmatrix, bmatrix, vmatrix), a case distinction (cases, or an array in \\left\\{ \\right.),
+        aligned equations, or lines broken with \\\\ in a one-column array."""
+        rng = self.rng
+        lhs = self.atom(2) + [rng.choice(['=', '=', r'\equiv', r'\to'])] if rng.random() < 0.6 else []
+        kind = rng.choice(['array', 'matrix', 'matrix', 'cases', 'cases', 'aligned', 'lines'])
+        rows, cols = rng.randint(2, 3), rng.randint(1, 3)
+        if kind == 'array':
+            spec = ['{'] + [rng.choice('lcr') for _ in range(cols)] + ['}']
+            lo, rc = rng.choice([('(', ')'), ('[', ']'), ('|', '|')])
+            return lhs + [r'\left' + lo, r'\begin{array}'] + spec + self.grid(rows, cols) + [r'\end{array}', r'\right' + rc]
+        if kind == 'matrix':
+            name = rng.choice(['matrix', 'pmatrix', 'pmatrix', 'bmatrix', 'vmatrix'])
+            return lhs + [rf'\begin{{{name}}}'] + self.grid(rows, max(cols, 2)) + [rf'\end{{{name}}}']
+        if kind == 'cases':
+            cond = lambda: _braced(self.atom(3) + [rng.choice(['>', '<', r'\geq', r'\leq', '='])] + self.number())  # noqa: E731
+            body = []
+            for r in range(rows):
+                body += (['\\\\'] if r else []) + self.cell() + ['&'] + cond()
+            if rng.random() < 0.5:
+                return lhs + [r'\begin{cases}'] + body + [r'\end{cases}']
+            return lhs + [r'\left\{', r'\begin{array}', '{', 'l', 'l', '}'] + body + [r'\end{array}', r'\right.']
+        if kind == 'aligned':
+            body = []
+            for r in range(rows):
+                left = self.atom(2) if r == 0 else []
+                body += (['\\\\'] if r else []) + left + ['&', '='] + self.expr(1, 3)
+            return [r'\begin{aligned}'] + body + [r'\end{aligned}']
+        body = []
+        for r in range(rows):
+            body += (['\\\\'] if r else []) + _braced(self.expr(1, 3))
+        return [r'\begin{array}', '{', 'l', '}'] + body + [r'\end{array}']
 
     def formula(self, target):
         rng = self.rng
@@ -350,8 +401,11 @@ class MathGenerator:
     """School-style math: equations, fractions, roots, powers, inequalities, angles, functions,
     percentages, logarithms, simple systems written on one line."""
 
-    def __init__(self, rng):
+    SYSTEM_EXTRA = 0.06    # with environments=True: extra share of systems of equations (written as cases / aligned)
+
+    def __init__(self, rng, environments=False):
         self.rng = rng
+        self.environments = environments
 
     def n(self, lo=1, hi=12):
         return str(self.rng.randint(lo, hi))
@@ -379,6 +433,8 @@ class MathGenerator:
 
     def __call__(self):
         v = self.var()
+        if self.environments and self.rng.random() < self.SYSTEM_EXTRA:
+            return self._system(v)
         kind = self.rng.choice(self.KINDS)
         return getattr(self, f'_{kind}')(v)
 
@@ -473,6 +529,15 @@ class MathGenerator:
     def _system(self, v):
         rng, n = self.rng, self.n
         v2 = 'y' if v != 'y' else 'x'
+        if self.environments:   # a system of equations as cases / aligned
+            eqs = [f'{n(1, 5)}{v} {rng.choice("+-")} {n(1, 5)}{v2} & = {n(1, 20)}',
+                   f'{n(1, 5)}{v} {rng.choice("+-")} {v2} & = {n(1, 20)}']
+            if rng.random() < 0.3:
+                eqs.append(f'{v} {rng.choice("+-")} {n(1, 5)}{v2} & = {n(1, 9)}')
+            env = rng.choice(['cases', 'cases', 'aligned'])
+            body = r' \\ '.join(e.replace('& ', '') if env == 'cases' else e for e in eqs)
+            out = rf'\begin{{{env}}} {body} \end{{{env}}}'
+            return out if env == 'cases' or rng.random() < 0.5 else rf'\left\{{ {out} \right.'
         sp = rng.choice([r'\quad', r'\qquad', ''])
         return (f'{n(1, 5)}{v} {rng.choice("+-")} {n(1, 5)}{v2} = {n(1, 20)}, '
                 f'{sp} {n(1, 5)}{v} {rng.choice("+-")} {v2} = {n(1, 20)}')
@@ -566,7 +631,7 @@ class ChemistryGenerator:
     configurations, thermochemistry and equilibrium constants. Element letters are upright
     (\\mathrm{...}) or italic, chosen per formula, as printed and handwritten chemistry differ."""
 
-    def __init__(self, rng):
+    def __init__(self, rng, environments=False):   # environments: none in this domain
         self.rng = rng
         self.upright = rng.random() < 0.6
 
@@ -693,7 +758,9 @@ class ChemistryGenerator:
 GENERATORS = {'openai': OpenAIGenerator, 'math': MathGenerator, 'chemistry': ChemistryGenerator}
 
 
-def generate(domain, rng):
-    """One formula of `domain` drawn with rng -> its label: tokenized, tokens joined by single spaces."""
-    raw = GENERATORS[domain](rng)()
+def generate(domain, rng, environments=False):
+    """One formula of `domain` drawn with rng -> its label: tokenized, tokens joined by single spaces.
+    environments: also write environments (openai: about ENV_SHARE of the formulas; math: systems of
+    equations as cases / aligned); only a real TeX renders them."""
+    raw = GENERATORS[domain](rng, environments)()
     return detokenize(tokenize(raw if isinstance(raw, str) else ' '.join(raw)))

@@ -25,6 +25,7 @@ from utils import imap_progress, n_workers, process_pool
 
 BINARIZE = 128        # Deng's evaluate_image.py: a pixel <= 128 is ink
 MIN_TASKS_PER_WORKER = 16   # image metrics start a process pool only for at least this many samples per worker
+CHUNK = {'mathtext': 4, 'latex': render.LATEX_CHUNK // 2}   # samples per worker task (latex: one pdflatex call)
 # (key in the metrics dict, label, format) in the order tables show them
 METRIC_NAMES = (('bleu4', 'BLEU-4', '{:.2f}'), ('edit_accuracy', 'edit accuracy', '{:.4f}'),
                 ('norm_edit_distance', 'norm. edit distance', '{:.4f}'), ('exact_match', 'exact match', '{:.4f}'),
@@ -133,33 +134,34 @@ def compare_images(a, b):
     return {'match': dist == 0 and len(ca) == len(cb), 'col_edit': int(dist), 'col_len': max(len(ca), len(cb))}
 
 
-def _aligned_pair(gold, pred, fontsize, dpi, font, renderer):
-    """Render both boxes and pad the tops so that their baselines are on the same row (like formulas
-    typeset on one page); -> (gold image, pred image or None, error of pred or None)."""
-    g, gb = render.render_box(gold, fontsize, dpi, font, renderer)
-    try:
-        p, pb = render.render_box(pred, fontsize, dpi, font, renderer)
-    except render.RenderError as e:
-        return g, None, str(e)
+def _aligned(gold_box, pred_box):
+    """Two renders (image, baseline row or None): pad the tops so that their baselines are on the same row
+    (like formulas typeset on one page). -> (gold image, pred image)."""
+    (g, gb), (p, pb) = gold_box, pred_box
     if gb is not None and pb is not None:
         shift = gb - pb
         if shift > 0:
             p = np.pad(p, ((shift, 0), (0, 0)), constant_values=255)
         elif shift < 0:
             g = np.pad(g, ((-shift, 0), (0, 0)), constant_values=255)
-    return g, p, None
+    return g, p
 
 
-def _metric_task(task):
-    gold, pred, fontsize, dpi, font, renderer = task
-    try:
-        g, p, err = _aligned_pair(gold, pred, fontsize, dpi, font, renderer)
-    except render.RenderError as e:
-        return {'gold_error': str(e)}
-    if p is None:
-        return {'match': False, 'col_edit': len(_columns(g, g.shape[0])), 'col_len': len(_columns(g, g.shape[0])),
-                'pred_error': err}
-    return compare_images(g, p)
+def _metric_chunk(chunk):
+    """Worker: render the golds and predictions of a chunk of samples together (one pdflatex call with the
+    latex renderer) and compare each pair -> per sample dict (see image_metrics)."""
+    fontsize, dpi, font, renderer = chunk[0][2:]
+    boxes = render.render_boxes([(x, fontsize, dpi, font) for g, p, *_ in chunk for x in (g, p)], renderer)
+    out = []
+    for gold_box, pred_box in zip(boxes[0::2], boxes[1::2]):
+        if isinstance(gold_box, render.RenderError):
+            out.append({'gold_error': str(gold_box)})
+        elif isinstance(pred_box, render.RenderError):
+            cols = len(_columns(gold_box[0], gold_box[0].shape[0]))
+            out.append({'match': False, 'col_edit': cols, 'col_len': cols, 'pred_error': str(pred_box)})
+        else:
+            out.append(compare_images(*_aligned(gold_box, pred_box)))
+    return out
 
 
 def image_metrics(golds, preds, workers=None, fontsize=render.FONTSIZE, dpi=render.DPI, font='cm',
@@ -169,6 +171,8 @@ def image_metrics(golds, preds, workers=None, fontsize=render.FONTSIZE, dpi=rend
     binarized, blank columns dropped, and compared column by column.
     A prediction that fails to render is a mismatch with col_edit = the gold's column count.
     A gold that fails to render leaves the sample out (counted in render_failures_gold).
+    renderer: 'mathtext' or 'latex' (render.resolve_renderer picks one for 'auto'); with 'latex' the golds
+    and predictions of 16 samples share one pdflatex call.
     -> {'image_match': fraction of evaluated samples whose images match,
         'column_edit_accuracy': 1 - sum(col_edit) / sum(col_len), 'render_failures_pred': int,
         'render_failures_gold': int, 'n': evaluated samples, 'n_total': int,
@@ -180,8 +184,11 @@ def image_metrics(golds, preds, workers=None, fontsize=render.FONTSIZE, dpi=rend
     tasks = [(join(g), join(p), fontsize, dpi, font, renderer) for g, p in zip(golds, preds)]
     render.check_renderer(renderer)
     nw = n_workers(workers)
+    size = CHUNK[renderer]
+    chunks = [tasks[c:c + size] for c in range(0, len(tasks), size)]
     with process_pool(nw, use=len(tasks) >= MIN_TASKS_PER_WORKER * nw) as pool:
-        results = list(imap_progress(pool, nw, _metric_task, tasks, 'image metrics', quiet))
+        results = [r for chunk in imap_progress(pool, nw, _metric_chunk, chunks, 'image metrics', quiet)
+                   for r in chunk]
     ok = [r for r in results if 'gold_error' not in r]
     edits, lens = sum(r['col_edit'] for r in ok), sum(r['col_len'] for r in ok)
     out = {'image_match': sum(r['match'] for r in ok) / len(ok) if ok else 0.0,

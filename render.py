@@ -5,7 +5,10 @@
    of what im2latex formulas use; what it lacks is rewritten to the same or a close visual first
    (`mathtext_source`, table below), and what it cannot draw at all (environments such as
    \\begin{array}, line breaks, mhchem) raises RenderError naming the token. renderer='latex' uses a
-   real TeX (latex + dvipng, or pdflatex + pdftoppm) when installed.
+   real TeX when installed: pdflatex with the preview package typesets many formulas per call (one page
+   each, LATEX_CHUNK per call), pdftoppm rasterizes the pages; a formula that stops pdflatex is found
+   (from the error's line, else by halving the batch), reported and left out, the others are kept.
+   render_boxes renders a list at once; resolve_renderer is the one place 'auto' is decided.
 2. write_demo: the demo data sets, in the data layout of README.md / docs/formats.md, drawn from the
    formula generators of formulas.py (openai = im2latex-100k style, math = school math, chemistry =
    reaction equations): openai images are processed like im2latex-100k (proc.deng_process: crop,
@@ -501,73 +504,173 @@ def _render_mathtext(latex, fontsize, dpi, font):
 
 
 # -----------------------------------------------------------------------------
-# real TeX (optional)
+# real TeX (optional): pdflatex + the preview package, many formulas per call, one page each
 
-LATEX_INSTALL_HINT = ("renderer='latex' needs `latex` and `dvipng` (or `pdflatex` and `pdftoppm`) on PATH; "
-                      'install them, e.g. `apt-get install texlive-latex-base texlive-latex-recommended '
-                      'texlive-fonts-recommended dvipng`, or use renderer=\'mathtext\' (the default)')
-_LATEX_DOC = (r'\documentclass[12pt]{article}\usepackage{amsmath,amssymb}\pagestyle{empty}'
-              r'\setlength{\textwidth}{55cm}\pdfpagewidth=60cm\pdfpageheight=20cm'  # no clipping of long lines
-              r'\begin{document}\noindent$\displaystyle %s$\end{document}')
+# Debian / Ubuntu packages that give everything renderer='latex' uses (pdflatex, amsmath, amssymb,
+# graphicx, preview, pdftoppm); .ci/run installs the same list
+LATEX_PACKAGES = ('texlive-latex-base', 'texlive-latex-recommended', 'texlive-fonts-recommended',
+                  'preview-latex-style', 'poppler-utils')
+LATEX_INSTALL_HINT = ("renderer='latex' needs `pdflatex` (with the amsmath, amssymb and preview packages) and "
+                      '`pdftoppm` on PATH; install them, e.g. `apt-get install ' + ' '.join(LATEX_PACKAGES)
+                      + "`, or use renderer='mathtext' (the default)")
+LATEX_CHUNK = 32          # formulas per pdflatex call
+LATEX_DPI = 100           # pdftoppm resolution; each formula is scaled inside TeX to its fontsize * dpi
+LATEX_TIMEOUT = (20, 1)   # seconds a pdflatex call may take: base + per formula
+# commands that reach outside the formula (files, macros, pages, catcodes): refused before TeX runs
+_TEX_FORBIDDEN = {r'\def', r'\gdef', r'\edef', r'\xdef', r'\let', r'\newcommand', r'\renewcommand',
+                  r'\providecommand', r'\input', r'\include', r'\write', r'\immediate', r'\openout', r'\openin',
+                  r'\read', r'\catcode', r'\csname', r'\special', r'\end{document}', r'\begin{document}',
+                  r'\end{preview}', r'\begin{preview}', r'\newpage', r'\clearpage', r'\pagebreak', r'\output',
+                  r'\usepackage', r'\documentclass', r'\loop', r'\expandafter', r'\pdfprimitive', r'\directlua',
+                  '$', '#', '%'}
+_TEX_HEAD = (r'\documentclass[12pt]{article}' '\n'
+             r'\usepackage{amsmath,amssymb,graphicx}' '\n'
+             r'\usepackage[active,tightpage]{preview}' '\n'
+             r'\setlength{\PreviewBorder}{0pt}\pagestyle{empty}\newsavebox{\imbox}' '\n'
+             r'\begin{document}' '\n')
+# one formula per line, then a blank line (a runaway argument stops there, on the formula's own lines)
+_TEX_ITEM = (r'\begin{preview}\sbox{\imbox}{\scalebox{%.5f}{$\displaystyle %s$}}'
+             r'\typeout{IMBOX \the\ht\imbox\space\the\dp\imbox}\usebox{\imbox}\end{preview}' '\n\n')
+_TEX_BOX = re.compile(r'^IMBOX (-?[\d.]+)pt (-?[\d.]+)pt', re.M)
 
 
 def latex_tools():
-    """The TeX toolchain found on PATH: ('dvipng', latex, dvipng), ('pdftoppm', pdflatex, pdftoppm) or None."""
-    if shutil.which('latex') and shutil.which('dvipng'):
-        return 'dvipng', shutil.which('latex'), shutil.which('dvipng')
-    if shutil.which('pdflatex') and shutil.which('pdftoppm'):
-        return 'pdftoppm', shutil.which('pdflatex'), shutil.which('pdftoppm')
+    """(pdflatex, pdftoppm) paths when both are on PATH, else None."""
+    tex, conv = shutil.which('pdflatex'), shutil.which('pdftoppm')
+    return (tex, conv) if tex and conv else None
+
+
+def _opener(t):
+    """'{', '\\begin{x}' or '\\left<delim>' -> what closes it ('}', '\\end{x}', '\\right'); else None."""
+    if t == '{':
+        return '}'
+    if t.startswith('\\begin{'):
+        return '\\end{' + t[7:]
+    if t.startswith('\\left') and len(t) > 5 and not t[5].isalpha():
+        return '\\right'
     return None
 
 
-def _render_tex(latex, fontsize, dpi):
-    try:
-        return _render_tex_run(latex, fontsize, dpi)
-    except subprocess.TimeoutExpired as e:
-        raise RenderError(f'{os.path.basename(e.cmd[0])} took more than {e.timeout} s') from None
+def _is_closer(t):
+    return t == '}' or t.startswith('\\end{') or (t.startswith('\\right') and len(t) > 6 and not t[6].isalpha())
 
 
-def _render_tex_run(latex, fontsize, dpi):
-    """Real LaTeX (12pt article, amsmath + amssymb, \\displaystyle). -> (uint8 page cropped to the
-    formula, white background; baseline row or None)."""
+def tex_check(tokens):
+    """Why a token list cannot go to TeX as it is (unbalanced groups, \\left without \\right, \\begin{x}
+    closed by \\end{y}, a command that reaches outside the formula), or None. Catches most malformed
+    predictions without starting TeX."""
+    stack = []
+    for t in tokens:
+        if t in _TEX_FORBIDDEN:
+            return f'{t} is not allowed in a formula'
+        if _opener(t):
+            stack.append(t)
+        elif _is_closer(t):
+            want = t if t == '}' or t.startswith('\\end{') else '\\right'
+            if not stack or _opener(stack[-1]) != want:
+                return f'unbalanced: {t} without its opener'
+            stack.pop()
+    return f'unbalanced: {stack[-1]} is never closed' if stack else None
+
+
+def _tex_run(tmp, items, tools):
+    """One pdflatex + pdftoppm run over items [(LaTeX, scale)]. -> ('ok', [(page uint8, baseline row)]) or
+    ('error', index of the failing formula or None when unknown, message)."""
+    tex, conv = tools
+    body = ''.join(_TEX_ITEM % (scale, src) for src, scale in items)
+    first = _TEX_HEAD.count('\n') + 1                       # line of the first formula
+    with open(os.path.join(tmp, 'f.tex'), 'w', encoding='utf-8') as f:
+        f.write(_TEX_HEAD + body + '\\end{document}\n')
+    for old in os.listdir(tmp):
+        if old.endswith('.png') or old == 'f.pdf':
+            os.remove(os.path.join(tmp, old))
+    timeout = LATEX_TIMEOUT[0] + LATEX_TIMEOUT[1] * len(items)
+    p = subprocess.run([tex, '-interaction=nonstopmode', '-halt-on-error', '-no-shell-escape', 'f.tex'], cwd=tmp,
+                       capture_output=True, text=True, errors='replace', timeout=timeout)
+    with open(os.path.join(tmp, 'f.log'), encoding='utf-8', errors='replace') as f:
+        log = f.read()
+    if p.returncode != 0:
+        err = re.search(r'^(! .*)$', log, re.M)
+        line = re.search(r'^l\.(\d+)', log[err.start():] if err else log, re.M)
+        k = (int(line.group(1)) - first) // 2 if line else -1
+        return 'error', (k if 0 <= k < len(items) else None), (err.group(1) if err else 'pdflatex failed')
+    q = subprocess.run([conv, '-r', str(LATEX_DPI), '-gray', '-png', 'f.pdf', 'p'], cwd=tmp, capture_output=True,
+                       text=True, errors='replace', timeout=timeout)
+    pages = sorted(f for f in os.listdir(tmp) if f.startswith('p-') and f.endswith('.png'))
+    boxes = _TEX_BOX.findall(log)
+    if q.returncode != 0 or len(pages) != len(items) or len(boxes) != len(items):
+        return 'error', None, f'{len(pages)} pages for {len(items)} formulas ({(q.stderr or "").strip()[-200:]})'
+    out = []
+    for name, (ht, _) in zip(pages, boxes):
+        with Image.open(os.path.join(tmp, name)) as im:
+            out.append((np.asarray(im.convert('L'), dtype=np.uint8).copy(), round(float(ht) * LATEX_DPI / 72.27)))
+    return 'ok', out
+
+
+def _tex_batch(tmp, items, tools):
+    """Render items [(LaTeX, scale)] -> a list, per item, of (page, baseline) or RenderError. A formula that
+    stops pdflatex is found from the error's line (else by halving the batch), reported and left out; the
+    others are rendered again without it."""
+    results, todo = [None] * len(items), list(range(len(items)))
+    while todo:
+        try:
+            r = _tex_run(tmp, [items[i] for i in todo], tools)
+        except subprocess.TimeoutExpired as e:
+            r = 'error', None, f'{os.path.basename(e.cmd[0])} took more than {e.timeout:.0f} s'
+        if r[0] == 'ok':
+            for i, page in zip(todo, r[1]):
+                results[i] = page
+            break
+        _, k, msg = r
+        if k is not None:
+            results[todo.pop(k)] = RenderError(f'latex failed: {msg}')
+        elif len(todo) == 1:
+            results[todo.pop()] = RenderError(f'latex failed: {msg}')
+        else:                        # unknown culprit: each half on its own
+            half = len(todo) // 2
+            for part in (todo[:half], todo[half:]):
+                for i, res in zip(part, _tex_batch(tmp, [items[i] for i in part], tools)):
+                    results[i] = res
+            break
+    return results
+
+
+def _render_tex_many(jobs):
+    """jobs [(LaTeX, fontsize, dpi)] -> per job (uint8 page, white background; baseline row) or RenderError,
+    LATEX_CHUNK formulas per pdflatex call (12pt article, amsmath + amssymb, \\displaystyle)."""
     tools = latex_tools()
     if tools is None:
         raise RenderError(LATEX_INSTALL_HINT)
-    if not tokenize(latex):
-        raise RenderError('empty formula')
-    kind, tex, conv = tools
-    dpi = dpi * fontsize / 12.0  # the document is 12pt; scale the resolution instead of the font
+    results, items, where = [None] * len(jobs), [], []
+    for i, (latex, fontsize, dpi) in enumerate(jobs):
+        toks = tokenize(latex)
+        why = 'empty formula' if not toks else tex_check(toks)
+        if why:
+            results[i] = RenderError(why)
+        else:        # the document is 12pt at LATEX_DPI: scale the formula instead of the font
+            items.append((detokenize(toks), fontsize / 12.0 * dpi / LATEX_DPI))
+            where.append(i)
     with tempfile.TemporaryDirectory(prefix='render_') as tmp:
-        with open(os.path.join(tmp, 'f.tex'), 'w', encoding='utf-8') as f:
-            f.write(_LATEX_DOC % latex)
-        p = subprocess.run([tex, '-interaction=nonstopmode', '-halt-on-error', 'f.tex'], cwd=tmp,
-                           capture_output=True, text=True, errors='replace', timeout=60)
-        if p.returncode != 0:
-            err = [ln for ln in p.stdout.splitlines() if ln.startswith('!')]
-            raise RenderError(f'latex failed: {err[0] if err else p.stdout.strip()[-200:]}')
-        baseline = None
-        if kind == 'dvipng':
-            q = subprocess.run([conv, '-D', str(int(round(dpi))), '-T', 'tight', '-bg', 'rgb 1.0 1.0 1.0',
-                                '-fg', 'rgb 0.0 0.0 0.0',
-                                '--depth', '-o', 'f.png', 'f.dvi'], cwd=tmp, capture_output=True, text=True,
-                               timeout=60)
-            m = re.search(r'depth=(-?\d+)', q.stdout)
-        else:
-            q = subprocess.run([conv, '-r', str(int(round(dpi))), '-gray', '-png', '-singlefile', 'f.pdf', 'f'],
-                               cwd=tmp, capture_output=True, text=True, timeout=60)
-            m = None
-        out = os.path.join(tmp, 'f.png')
-        if q.returncode != 0 or not os.path.exists(out):
-            raise RenderError(f'{conv} failed: {(q.stderr or q.stdout).strip()[-200:]}')
-        with Image.open(out) as im:
-            page = np.asarray(im.convert('L'), dtype=np.uint8).copy()
-    if m:
-        baseline = page.shape[0] - int(m.group(1))
-    return page, baseline
+        for c in range(0, len(items), LATEX_CHUNK):
+            for i, res in zip(where[c:c + LATEX_CHUNK], _tex_batch(tmp, items[c:c + LATEX_CHUNK], tools)):
+                results[i] = res
+    for i, res in enumerate(results):
+        if not isinstance(res, RenderError) and (res[0].size == 0 or (res[0] == 255).all()):
+            results[i] = RenderError('the formula renders to a blank image')
+    return results
 
 
 # -----------------------------------------------------------------------------
 # public rendering API
+
+def resolve_renderer(renderer):
+    """The one place the renderer is chosen (render.py, test.py --render_eval): 'auto' -> 'latex' when
+    pdflatex and pdftoppm are installed, else 'mathtext'; a named one is checked (check_renderer)."""
+    if renderer == 'auto':
+        return 'latex' if latex_tools() is not None else 'mathtext'
+    check_renderer(renderer)
+    return renderer
+
 
 def check_renderer(renderer):
     """ValueError for an unknown renderer; RenderError (saying what to install) for 'latex' without TeX."""
@@ -577,15 +680,30 @@ def check_renderer(renderer):
         raise RenderError(LATEX_INSTALL_HINT)
 
 
-def render_box(latex, fontsize=FONTSIZE, dpi=DPI, font='cm', renderer='mathtext'):
-    """-> (uint8 (H, W) white background, not cropped; baseline row or None)."""
-    if isinstance(latex, (list, tuple)):
-        latex = detokenize(latex)
-    if renderer == 'mathtext':
-        return _render_mathtext(latex, fontsize, dpi, font)
+def render_boxes(jobs, renderer='mathtext'):
+    """Many formulas at once. jobs: [(LaTeX or tokens, fontsize, dpi, font)] -> per job (uint8 (H, W) white
+    background, not cropped; baseline row or None) or a RenderError instance (why it failed). With 'latex'
+    LATEX_CHUNK formulas share one pdflatex call; a formula that fails is reported, the others are kept."""
+    jobs = [(detokenize(j[0]) if isinstance(j[0], (list, tuple)) else j[0],) + tuple(j[1:]) for j in jobs]
     if renderer == 'latex':
-        return _render_tex(latex, fontsize, dpi)
-    raise ValueError(f'unknown renderer {renderer!r} (expected one of {", ".join(RENDERERS)})')
+        return _render_tex_many([(latex, fontsize, dpi) for latex, fontsize, dpi, _ in jobs])
+    if renderer != 'mathtext':
+        raise ValueError(f'unknown renderer {renderer!r} (expected one of {", ".join(RENDERERS)})')
+    out = []
+    for latex, fontsize, dpi, font in jobs:
+        try:
+            out.append(_render_mathtext(latex, fontsize, dpi, font))
+        except RenderError as e:
+            out.append(e)
+    return out
+
+
+def render_box(latex, fontsize=FONTSIZE, dpi=DPI, font='cm', renderer='mathtext'):
+    """-> (uint8 (H, W) white background, not cropped; baseline row or None). RenderError if it fails."""
+    res = render_boxes([(latex, fontsize, dpi, font)], renderer)[0]
+    if isinstance(res, RenderError):
+        raise res
+    return res
 
 
 def render_latex(latex, fontsize=FONTSIZE, dpi=DPI, font='cm', renderer='mathtext', pad=PAD):
@@ -606,11 +724,12 @@ def sample_rng(seed, domain, split, index, attempt=0):
     return random.Random(f'im2latex-demo/{seed}/{domain}/{split}/{index}/{attempt}')
 
 
-def make_sample(domain, seed, split, index, attempt=0):
+def make_sample(domain, seed, split, index, attempt=0, renderer='mathtext'):
     """One demo sample: {'label': tokenized LaTeX, 'font', 'fontsize', 'dpi', 'margin': (top, bottom,
-    left, right) or None}. Deterministic."""
+    left, right) or None}. Deterministic. With renderer='latex' the generators also write environments
+    (matrices, cases, aligned equations), which mathtext cannot draw."""
     rng = sample_rng(seed, domain, split, index, attempt)
-    label = formulas.generate(domain, rng)
+    label = formulas.generate(domain, rng, environments=renderer == 'latex')
     if domain == 'openai':
         font = formulas.choice_weighted(rng, list(OPENAI_FONTS))
         fontsize = round(rng.uniform(*OPENAI_FONTSIZE), 2)
@@ -643,41 +762,61 @@ def _fit_scale(h, w, buckets_wh, pad):
     return best
 
 
-def _render_sample(task):
-    """Worker: render one sample and write its PNG. -> (slot, label, (H, W)) or (slot, None, error)."""
+def _render_cropped(labels, kws, renderer):
+    """Render labels (kws: fontsize, dpi, font per label) in one render_boxes call -> per label the image
+    cropped to the ink (no margin) or a RenderError."""
+    boxes = render_boxes([(lab, kw['fontsize'], kw['dpi'], kw['font']) for lab, kw in zip(labels, kws)], renderer)
+    out = []
+    for b in boxes:
+        img = b if isinstance(b, RenderError) else crop_to_ink(b[0], 0)
+        out.append(RenderError('the formula renders to a blank image') if img is None else img)
+    return out
+
+
+def _render_chunk(tasks):
+    """Worker: render a chunk of samples (one pdflatex call with renderer='latex') and write their PNGs.
+    -> per task (slot, label, (H, W)) or (slot, None, error)."""
+    renderer = tasks[0][5]
+    kws = [dict(fontsize=t[3]['fontsize'], dpi=t[3]['dpi'], font=t[3]['font']) for t in tasks]
+    imgs = _render_cropped([t[3]['label'] for t in tasks], kws, renderer)
+    buckets, pad = _buckets()
+    for _ in range(3):  # openai pages too big for the normal buckets: render smaller (deterministic)
+        redo = [k for k, (t, img) in enumerate(zip(tasks, imgs)) if t[1] == 'openai'
+                and not isinstance(img, RenderError) and _fit_scale(*img.shape, buckets, pad) < 1.0]
+        for k in redo:
+            kws[k]['dpi'] = kws[k]['dpi'] * _fit_scale(*imgs[k].shape, buckets, pad) * 0.97
+        if not redo:
+            break
+        for k, img in zip(redo, _render_cropped([tasks[k][3]['label'] for k in redo], [kws[k] for k in redo],
+                                                renderer)):
+            imgs[k] = img
+    return [_finish_sample(t, img, kw['dpi']) for t, img, kw in zip(tasks, imgs, kws)]
+
+
+def _finish_sample(task, img, dpi):
+    """Deng-process (openai) or pad (math, chemistry) one render and write its PNG."""
     slot, domain, key, sample, path, renderer = task
-    try:
-        kw = dict(fontsize=sample['fontsize'], dpi=sample['dpi'], font=sample['font'], renderer=renderer)
-        if domain == 'openai':
-            import proc
-            buckets, pad = _buckets()
-            page = render_latex(sample['label'], pad=0, **kw)
-            for _ in range(3):  # too big for the normal buckets: render smaller (deterministic)
-                s = _fit_scale(*page.shape, buckets, pad)
-                if s >= 1.0:
-                    break
-                kw['dpi'] = kw['dpi'] * s * 0.97
-                page = render_latex(sample['label'], pad=0, **kw)
-            img = proc.deng_process(page)
-            if img is None:
-                raise RenderError('blank after processing')
-        else:
-            img = render_latex(sample['label'], pad=0, **kw)
-            top, bottom, left, right = sample['margin']
-            img = np.pad(img, ((top, bottom), (left, right)), constant_values=255)
-    except RenderError as e:
-        return slot, None, str(e)
-    meta = {'latex': sample['label'], 'key': key, 'font': sample['font'], 'fontsize': sample['fontsize'],
-            'dpi': round(kw['dpi'], 2), 'renderer': renderer, 'Software': 'render.py'}
+    if isinstance(img, RenderError):
+        return slot, None, str(img)
+    if domain == 'openai':
+        import proc
+        img = proc.deng_process(img)
+        if img is None:
+            return slot, None, 'blank after processing'
+    else:
+        top, bottom, left, right = sample['margin']
+        img = np.pad(img, ((top, bottom), (left, right)), constant_values=255)
+    meta = {'latex': sample['label'], 'key': key, 'font': sample['font'] if renderer == 'mathtext' else 'tex-cm',
+            'fontsize': sample['fontsize'], 'dpi': round(dpi, 2), 'renderer': renderer, 'Software': 'render.py'}
     save_png(img, path, meta)
     return slot, sample['label'], img.shape
 
 
-def _existing(path, key):
-    """Label and (H, W) of an image written earlier for this sample key, else None."""
+def _existing(path, key, renderer):
+    """Label and (H, W) of an image written earlier for this sample key and renderer, else None."""
     try:
         with Image.open(path) as im:
-            if im.info.get('key') == key and im.info.get('latex'):
+            if im.info.get('key') == key and im.info.get('renderer', 'mathtext') == renderer and im.info.get('latex'):
                 return im.info['latex'], (im.size[1], im.size[0])
     except (OSError, ValueError, SyntaxError):
         return None
@@ -716,13 +855,13 @@ def _render_split(pool, nw, root_dir, domain, split, count, offset, seed, render
             path = os.path.join(out_dir, name)
             key = f'{seed}/{domain}/{split}/{i}'
             if round_ == 0:
-                old = _existing(path, key)
+                old = _existing(path, key, renderer)
                 if old is not None and old[0] not in forbidden:
                     done[i] = (name, old[0], old[1])
                     stats['reused'] += 1
                     continue
             while attempt[i] < MAX_CANDIDATES:
-                sample = make_sample(domain, seed, split, i, attempt[i])
+                sample = make_sample(domain, seed, split, i, attempt[i], renderer)
                 if sample['label'] not in forbidden:
                     break
                 attempt[i] += 1
@@ -732,7 +871,10 @@ def _render_split(pool, nw, root_dir, domain, split, count, offset, seed, render
             tasks.append((i, domain, key, sample, path, renderer))
         pending = []
         t0 = time.time()
-        for i, label, res in imap_progress(pool, nw, _render_sample, tasks, f'{domain}/{split}', quiet):
+        size = 1 if renderer == 'mathtext' else max(1, min(LATEX_CHUNK, -(-len(tasks) // nw)))
+        chunks = [tasks[c:c + size] for c in range(0, len(tasks), size)]
+        done_chunks = imap_progress(pool, nw, _render_chunk, chunks, f'{domain}/{split}', quiet)
+        for i, label, res in (r for chunk in done_chunks for r in chunk):
             if label is None:
                 stats['failures'] += 1
                 stats['errors'][res] += 1
@@ -802,7 +944,7 @@ def write_demo(root_dir, n=None, seed=0, workers=None, renderer='mathtext', doma
     'images_per_s', ...}}}."""
     t_start = time.time()
     root_dir = os.fspath(root_dir)
-    check_renderer(renderer)
+    renderer = resolve_renderer(renderer)
     domains = list(domains)
     bad = [d for d in domains if d not in DOMAINS]
     if bad:
@@ -853,8 +995,11 @@ def main(argv=None):
                     help='seed of the formula generators and render settings (default 0)')
     ap.add_argument('--workers', type=int, default=None,
                     help='render processes (default: every CPU core this process may use)')
-    ap.add_argument('--renderer', choices=RENDERERS, default='mathtext',
-                    help="mathtext (matplotlib, no TeX needed; default) or latex (latex+dvipng or pdflatex+pdftoppm)")
+    ap.add_argument('--renderer', choices=RENDERERS + ('auto',), default='mathtext',
+                    help='mathtext (matplotlib, no TeX needed; default, so the demo is the same on every machine), '
+                         'latex (pdflatex + pdftoppm, Debian packages: ' + ' '.join(LATEX_PACKAGES) + '; the demo '
+                         'then also holds environments: matrices, cases, aligned equations) or auto (latex when '
+                         'installed, else mathtext)')
     ap.add_argument('--domains', nargs='+', choices=DOMAINS, default=list(DOMAINS),
                     help='which demo sets to write (default: all three)')
     ap.add_argument('--latex', default=None, help='render this one formula to --out instead of writing the demo')
@@ -868,7 +1013,8 @@ def main(argv=None):
         if not args.out:
             ap.error('--latex needs --out PATH.png')
         try:
-            img = render_latex(args.latex, fontsize=args.fontsize, dpi=args.dpi, font=args.font, renderer=args.renderer)
+            img = render_latex(args.latex, fontsize=args.fontsize, dpi=args.dpi, font=args.font,
+                               renderer=resolve_renderer(args.renderer))
         except RenderError as e:
             print(f'cannot render: {e}', file=sys.stderr)
             return 1

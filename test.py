@@ -379,6 +379,11 @@ def get_args(argv=None):
     g.add_argument('--render_eval', action='store_true',
                    help='also render gold and prediction (render.py) and report image match and column edit '
                         'accuracy (Deng); a prediction that does not render is a mismatch')
+    g.add_argument('--renderer', default='auto', choices=('auto', 'mathtext', 'latex'),
+                   help='how --render_eval (and --report) render formulas: latex = pdflatex (draws environments '
+                        'such as matrix, cases, aligned), mathtext = matplotlib (no TeX needed; environments '
+                        'are left out and counted), auto = latex when pdflatex and pdftoppm are installed, '
+                        'else mathtext (default). The metrics JSON records which one scored')
     g.add_argument('--report', default=None, metavar='HTML',
                    help='write a self-contained HTML page of the worst samples (by normalized edit distance)')
     g.add_argument('--report_n', type=int, default=REPORT_N, help='samples in the --report page')
@@ -447,10 +452,12 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
     metrics = compute_metrics(golds, preds)
     if args.render_eval:
         from metrics import image_metrics
-        info('rendering gold and predicted formulas for the image metrics ...')
-        img = image_metrics(golds, preds, workers=args.workers if args.workers > 0 else None)
+        info(f'rendering gold and predicted formulas for the image metrics ({args.renderer}) ...')
+        img = image_metrics(golds, preds, workers=args.workers if args.workers > 0 else None,
+                            renderer=args.renderer)
         metrics.update({k: v for k, v in img.items() if k not in ('n', 'n_total', 'samples')})
         metrics['image_n'] = img['n']          # samples whose gold rendered (the others are left out)
+        metrics['renderer'] = args.renderer
 
     out_dir = os.path.join(args.out_dir, args.test_on)
     suffix = f'_{args.tag}' if args.tag else ''
@@ -476,7 +483,9 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
     print(f'{args.test_on}/{args.split}: {len(records)} formulas, {weights} weights of {checkpoint}, {decoding}')
     print(format_metrics(metrics))
     if 'render_failures_pred' in metrics:
-        print(f'  (predictions that did not render: {metrics["render_failures_pred"]})')
+        print(f'  (image metrics rendered with {metrics["renderer"]}: {metrics["image_n"]} scored; predictions '
+              f'that did not render {metrics["render_failures_pred"]}, golds left out '
+              f'{metrics["render_failures_gold"]})')
     print(f'  search errors         {search_errors} (wrong predictions with a lower summed log-prob than the gold)')
     print(f'  {len(records) / elapsed:.1f} formulas/s on {device}' if elapsed > 0 else '')
     if problems is not None and len(problems):
@@ -501,7 +510,7 @@ def make_report(args, ds, records, metrics, checkpoint, weights, decoding):
         samples.append(s)
     try:
         import render
-        render_fn = render.render_latex
+        render_fn = functools.partial(render.render_latex, renderer=args.renderer)
     except ImportError as e:
         info(f'warning: render.py not importable ({e}); the report shows no rendered predictions')
         render_fn = None
@@ -543,6 +552,12 @@ def main(argv=None):
     if args.image is not None:
         return transcribe(args, model, vocab, device, amp_dtype)
 
+    if args.render_eval or args.report:   # the one renderer choice (render.resolve_renderer), before decoding
+        import render
+        try:
+            args.renderer = render.resolve_renderer(args.renderer)
+        except render.RenderError as e:
+            raise SystemExit(f'error: --renderer latex: {e}') from None
     if ckpt.get('train_on') and ckpt['train_on'] != args.test_on:
         info(f'note: the checkpoint was trained on {ckpt["train_on"]}, evaluating on {args.test_on}')
     problems = data.Problems()

@@ -162,11 +162,13 @@ def test_latex_renderer_missing(monkeypatch, tmp_path):
     with pytest.raises(render.RenderError) as e:
         render.render_latex(r'\frac{a}{b}', renderer='latex')
     msg = str(e.value)
-    assert 'dvipng' in msg and 'pdflatex' in msg and 'apt-get install' in msg and 'mathtext' in msg
-    with pytest.raises(render.RenderError, match='dvipng'):
+    assert 'pdftoppm' in msg and 'pdflatex' in msg and 'apt-get install preview-latex-style' not in msg
+    assert 'apt-get install ' + ' '.join(render.LATEX_PACKAGES) in msg and 'mathtext' in msg
+    with pytest.raises(render.RenderError, match='pdflatex'):
         render.write_demo(tmp_path / 'd', renderer='latex', sizes={d: (1, 1, 1) for d in DOMAINS}, quiet=True)
-    with pytest.raises(render.RenderError, match='dvipng'):
+    with pytest.raises(render.RenderError, match='pdflatex'):
         metrics.image_metrics(['x'], ['x'], renderer='latex')
+    assert render.resolve_renderer('auto') == 'mathtext'   # without TeX, mathtext stays the default
     assert render.main(['--root_dir', str(tmp_path / 'd'), '--renderer', 'latex']) == 2
     assert not os.path.exists(tmp_path / 'd')
 
@@ -316,8 +318,8 @@ def test_failed_render_is_replaced(tmp_path, monkeypatch):
     """A formula that does not render is replaced by the next candidate and counted."""
     real = render.make_sample
 
-    def flaky(domain, seed, split, index, attempt=0):
-        s = real(domain, seed, split, index, attempt)
+    def flaky(domain, seed, split, index, attempt=0, renderer='mathtext'):
+        s = real(domain, seed, split, index, attempt, renderer)
         if index == 1 and attempt == 0:
             s = dict(s, label=r'\begin { array } { c } x \end { array }')
         return s
