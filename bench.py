@@ -14,7 +14,9 @@ torch.cuda.synchronize(). Rows:
   decode  ms per formula of greedy (with / without the key-value cache) and beam search from the encoder
           memory, lengths forced with ignore_eos (comparable across checkpoints), + the encoder's ms;
   data    images/s of loading a split (plain, cache build, cached), of an epoch through make_loader
-          (workers 0 and N, files and cache), of proc.kmeans_for_img_size and of rendering the set.
+          (workers 0 and N, files and cache), of proc.kmeans_for_img_size and of rendering the set;
+  render  images/s of render.render_boxes with mathtext and with pdflatex (batched, and 1 formula per
+          call), same formulas, one process.
 'speed-up' rows (unit x) divide a fast path's figure by its baseline's (>1: the fast path is faster).
 
 Measure on an otherwise idle machine: torch's OpenMP threads spin-wait, so one other busy process on a
@@ -58,7 +60,7 @@ from utils import amp_context, n_workers, write_json
 
 # -----------------------------------------------------------------------------
 # defaults (every one is a flag below; None = chosen by device, or by --quick)
-SECTIONS = 'train,decode,data'
+SECTIONS = 'train,decode,data,render'
 SIZES = '64x320,128x512'        # (H, W) training sizes: a common im2latex bucket and a large one
 BATCH = {'cpu': '16', 'cuda': '16,64'}
 TRAIN_TOKENS = 60               # target length (+ <sos>/<eos>): about the im2latex-100k mean
@@ -74,6 +76,7 @@ ROW_BUDGET = {'cpu': 60.0, 'cuda': 30.0}  # s of timed runs per row (at least MI
 MIN_REPEATS = 3
 RETRIES = 2                     # a row measured while other processes were busy is measured again
 DATA_N = 200                    # images of the data section's split (rendered, or a cap on --root_dir)
+RENDER_N = 96                   # openai-style formulas of the render section (both renderers, one process)
 DATA_DOMAIN, DATA_SPLIT = 'openai', 'train'
 LOADER_MIN_ITEMS = 256          # one timed loader run = enough epochs for this many images
 WAIT_IDLE = 120.0               # s to wait for other processes to go quiet before each section
@@ -89,7 +92,7 @@ LEARN_BUDGET = '600'
 LEARN_TRAIN_ARGS = '--Adam --batchsz 16'
 DIAG_BATCHES = 8                # val batches the diagnostics look at
 
-QUICK = dict(sizes='64x320', batch='8', decode_batch=8, repeats=3, warmup=1, row_budget=8.0, data_n=32)
+QUICK = dict(sizes='64x320', batch='8', decode_batch=8, repeats=3, warmup=1, row_budget=8.0, data_n=32, render_n=32)
 
 AMP = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 ROW_KEYS = ('section', 'name', 'device', 'dtype', 'torch', 'threads', 'params', 'median', 'min', 'max',
@@ -105,7 +108,7 @@ def get_args(argv=None):
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'), help='where to measure')
     p.add_argument('--threads', type=int, default=None,
                    help=f'torch intra-op threads (default: torch\'s, {torch.get_num_threads()} here)')
-    p.add_argument('--sections', default=SECTIONS, help='comma-separated subset of train,decode,data')
+    p.add_argument('--sections', default=SECTIONS, help=f'comma-separated subset of {SECTIONS}')
     p.add_argument('--repeats', type=int, default=None, help=f'timed runs per row (default {REPEATS})')
     p.add_argument('--warmup', type=int, default=None, help=f'untimed runs before them (default {WARMUP})')
     p.add_argument('--row_budget', type=float, default=None,
@@ -155,6 +158,11 @@ def get_args(argv=None):
                    help='DataLoader workers of the "workers N" rows (default: CPU cores, at most 4)')
     g.add_argument('--loader_items', type=int, default=LOADER_MIN_ITEMS,
                    help='one timed loader run = enough epochs of the split for this many images')
+    g = p.add_argument_group('render')
+    g.add_argument('--render_n', type=int, default=None,
+                   help=f'formulas rendered per timed run with each renderer (default {RENDER_N}, --quick 32); '
+                        'latex rows only where pdflatex and pdftoppm are installed')
+
     g = p.add_argument_group('learning benchmark (--learn): does the model learn to read, and how fast')
     g.add_argument('--learn', action='store_true',
                    help='render a fixed demo set (once), train the recipe of --train_args for --budget, evaluate '
@@ -191,7 +199,8 @@ def get_args(argv=None):
     quick = QUICK if args.quick else {}
     for name, default in (('sizes', SIZES), ('batch', BATCH[kind]), ('dtypes', DTYPES[kind]),
                           ('decode_batch', DECODE_BATCH[kind]), ('repeats', REPEATS[kind]),
-                          ('warmup', WARMUP[kind]), ('row_budget', ROW_BUDGET[kind]), ('data_n', DATA_N)):
+                          ('warmup', WARMUP[kind]), ('row_budget', ROW_BUDGET[kind]), ('data_n', DATA_N),
+                          ('render_n', RENDER_N)):
         if getattr(args, name) is None:
             setattr(args, name, quick.get(name, default))
     try:
@@ -206,8 +215,8 @@ def get_args(argv=None):
         p.error(f'--dtypes: choose from {",".join(AMP)}, got {args.dtypes}')
     if min(args.batch) < 1 or args.decode_batch < 1 or min(args.decode_tokens) < 1 or args.train_tokens < 1:
         p.error('batch sizes and token counts must be >= 1')
-    if args.repeats < 1 or args.warmup < 0 or args.data_n < 1 or args.loader_items < 1:
-        p.error('--repeats, --data_n and --loader_items must be >= 1, --warmup >= 0')
+    if args.repeats < 1 or args.warmup < 0 or args.data_n < 1 or args.loader_items < 1 or args.render_n < 1:
+        p.error('--repeats, --data_n, --loader_items and --render_n must be >= 1, --warmup >= 0')
     if args.loader_workers is None:
         args.loader_workers = min(4, os.cpu_count() or 1)
     return args
@@ -870,6 +879,50 @@ def data_source(b, tmp):
     return src
 
 
+def bench_render(b):
+    """images/s of render.render_boxes in one process: mathtext, latex with render.LATEX_CHUNK formulas per
+    pdflatex call, and latex with one formula per call (what batching saves); the same openai-style
+    formulas (no environments, and only those both renderers draw) at the demo's sizes."""
+    import render
+    n = b.args.render_n
+    renderers = ('mathtext',) if render.latex_tools() is None else ('mathtext', 'latex')
+    jobs = []
+    for i in range(0, 10 * n, n):   # formulas that every renderer draws (real LaTeX refuses some the demo has)
+        cand = [render.make_sample('openai', b.args.seed, 'train', k) for k in range(i, i + n)]
+        cand = [(s['label'], s['fontsize'], s['dpi'], s['font']) for s in cand]
+        ok = [all(not isinstance(r, render.RenderError) for r in rs)
+              for rs in zip(*(render.render_boxes(cand, r) for r in renderers))]
+        jobs += [j for j, good in zip(cand, ok) if good][:n - len(jobs)]
+        if len(jobs) == n:
+            break
+    p = {'formulas': f'{len(jobs)} openai-style', 'processes': 1}
+    rows = {'mathtext': b.guard('render mathtext', lambda: _render_row(b, 'render, mathtext', jobs, 'mathtext', p))}
+    if render.latex_tools() is None:
+        print(f'render: latex rows skipped ({render.LATEX_INSTALL_HINT})')
+        return
+    rows['latex'] = b.guard('render latex', lambda: _render_row(
+        b, f'render, latex ({render.LATEX_CHUNK} per pdflatex call)', jobs, 'latex', p))
+    few = jobs[:max(1, min(8, len(jobs)))]
+    rows['latex1'] = b.guard('render latex 1', lambda: _render_row(
+        b, 'render, latex (1 per pdflatex call)', few, 'latex', dict(p, formulas=f'{len(few)} openai-style'),
+        per_call=True))
+    b.speedup('render', 'speed-up: latex vs mathtext', rows['latex'], rows['mathtext'], p)
+    b.speedup('render', 'speed-up: latex batched vs 1 per call', rows['latex'], rows['latex1'], p)
+
+
+def _render_row(b, name, jobs, renderer, p, per_call=False):
+    import render
+
+    def run():
+        out = [render.render_boxes([j], renderer)[0] for j in jobs] if per_call else render.render_boxes(jobs, renderer)
+        bad = sum(isinstance(r, render.RenderError) for r in out)
+        if bad:
+            raise RuntimeError(f'{bad} of {len(jobs)} formulas did not render with {renderer}')
+    times, _, load_ = b.time_calls(run, warmup=1)
+    return b.add('render', name, [len(jobs) / t for t in times], 'images/s', p, dtype='-', other_load=load_,
+                 note='render.render_boxes: typeset + rasterize, uncropped, one process')
+
+
 def split_load_rows(b, load, cache_dir, count, p):
     """Loading a split (FormulaDataset): without the cache, building it, and from it."""
     def first_load():
@@ -1233,7 +1286,7 @@ def main(argv=None):
                 tw = time.time()
                 wait_for_idle(args.wait_idle, args.idle_cores)
                 b.waited += time.time() - tw
-            fn = {'train': bench_train, 'decode': bench_decode, 'data': bench_data}[section]
+            fn = {'train': bench_train, 'decode': bench_decode, 'data': bench_data, 'render': bench_render}[section]
             b.guard(section, fn, b)
             if args.json:
                 write_results(args.json, b, started, t0)

@@ -18,7 +18,8 @@ Metrics (metrics.py; definitions in docs/formats.md), on token sequences:
     edit accuracy        1 - sum lev(g, p) / sum max(len g, len p)       (Deng et al. 2017)
     norm. edit distance  mean of lev(g, p) / max(len g, len p)          (pix2tex)
     exact match          share of samples whose token sequences are equal
-    image match          (--render_eval) Deng's image exact match and column edit accuracy
+    image match          (--render_eval) Deng's image exact match and column edit accuracy, rendered with
+                         pdflatex when installed (--renderer), else mathtext
 
 Transcription (--image) prints `path<TAB>latex` per image to stdout, in input order; an image that
 cannot be read prints `path<TAB>ERROR: reason` in its place (a model output is space-joined tokens,

@@ -96,7 +96,7 @@ def test_bad_flags_exit_with_a_message(argv, capsys):
 
 def test_quick_defaults_and_explicit_flags():
     a = bench.get_args(['--quick', '--device', 'cpu'])
-    assert a.sizes == [(64, 320)] and a.batch == [8] and a.repeats == 3 and a.sections == ['train', 'decode', 'data']
+    assert a.sizes == [(64, 320)] and a.batch == [8] and a.repeats == 3 and a.sections == ['train', 'decode', 'data', 'render']
     a = bench.get_args(['--quick', '--device', 'cpu', '--sizes', '32x96,64x320', '--repeats', '7'])
     assert a.sizes == [(32, 96), (64, 320)] and a.repeats == 7
     a = bench.get_args(['--device', 'cpu'])

@@ -457,6 +457,8 @@ def test_end_to_end_on_demo_data(demo_root, tmp_path, capsys):
                 'domain', 'time_s', 'formulas_per_s', 'torch', 'device', 'args', 'search_errors', 'n_dataset'):
         assert key in meta, key
     assert meta['n'] == len(test_ds) and meta['weights'] == 'student' and meta['split'] == 'test'
+    import render
+    assert meta['renderer'] == render.resolve_renderer('auto')   # pdflatex where installed, else mathtext
     assert meta['checkpoint'] == os.path.abspath(ckpt) and meta['args']['max_len'] == 8
     assert meta['search_errors'] == sum(r.gold != r.pred and r.score_gold > r.score_pred + 1e-4 for r in rows)
     m = metrics.compute_metrics([r.gold for r in rows], [r.pred for r in rows])
