@@ -34,7 +34,7 @@ def test_quick_run_json(tmp_path, demo_root, capsys):
     result = bench.main(['--quick', '--device', 'cpu', '--wait_idle', '0', '--json', str(out),
                          '--sizes', '32x128', '--batch', '2', '--repeats', '3', '--warmup', '1',
                          '--decode_size', '32x128', '--decode_batch', '1', '--decode_tokens', '150',
-                         '--root_dir', demo_root, '--data_n', '16', '--loader_items', '32'])
+                         '--root_dir', demo_root, '--data_n', '16', '--loader_items', '32', '--render_n', '4'])
     printed = capsys.readouterr().out
     assert bench.TABLE_HEAD in printed
 
@@ -43,7 +43,12 @@ def test_quick_run_json(tmp_path, demo_root, capsys):
     assert js['meta']['torch'] == torch.__version__ and js['meta']['quick'] is True
     assert js['rows'] == result['rows']
     rows = js['rows']
-    assert {r['section'] for r in rows} == {'train', 'decode', 'data'}
+    assert {r['section'] for r in rows} == {'train', 'decode', 'data', 'render'}
+    import render
+    names = {r['name'] for r in rows if r['section'] == 'render' and r['unit'] == 'images/s'}
+    assert names == ({'render, mathtext'} if render.latex_tools() is None else
+                     {'render, mathtext', f'render, latex ({render.LATEX_CHUNK} per pdflatex call)',
+                      'render, latex (1 per pdflatex call)'})
     for r in rows:
         assert set(bench.ROW_KEYS) <= set(r), r
         assert r['torch'] == torch.__version__ and r['threads'] == torch.get_num_threads() >= 1
