@@ -727,8 +727,8 @@ def _release_folders(src, root_dir, variant):
         raise FileNotFoundError(f'{src}: no image folder ({" or ".join(layout.image_dirs)}) for the '
                                 f'{layout.name} ({layout.formulas} was found)')
     img_dir, out_dir = image_dirs[0], os.path.join(root_dir, 'images')
-    if os.path.realpath(img_dir) == os.path.realpath(out_dir):
-        raise ValueError(f'{img_dir} would be overwritten by the imported images: choose another --root_dir')
+    if layout.variant == 'raw' and os.path.realpath(img_dir) == os.path.realpath(out_dir):
+        raise ValueError(f'{img_dir} would be overwritten by the processed images: choose another --root_dir')
     return layout, img_dir, out_dir
 
 
