@@ -2,7 +2,7 @@
 samplers, collate and augmentation. Also the small I/O helpers every script shares (atomic writes,
 the bad-input reporter, image loading).
 
-    python3 data.py --root_dir data/demo [--cache]      # check a data root: counts, sizes, problems
+    python3 data.py --root_dir data/demo [--cache]      # check a data root: counts, sizes, problems, overlap
 """
 import argparse
 import contextlib
@@ -462,6 +462,59 @@ def _missing_root_error(root_dir, domain, split, lpath, idir):
         how = (f'{orig} exists: resize it with `python3 proc.py --root_dir {root_dir}` '
                f'(k-means into 32 sizes, written to {idir}); or ' + how)
     return DataRootError(f'{domain}/{split} data not found: missing {", ".join(missing)}. To get data: {how}.')
+
+
+# -----------------------------------------------------------------------------
+# overlap between splits
+
+def overlap_with_train(train_tokens, token_lists):
+    """Indexes of the formulas of token_lists whose token sequence is also one of train_tokens.
+    Example: train [['a'], ['b', 'c']], test [['b', 'c'], ['c'], ['b', 'c']] -> [0, 2]."""
+    seen = {tuple(t) for t in train_tokens}
+    return [i for i, t in enumerate(token_lists) if tuple(t) in seen]
+
+
+def split_tokens(root_dir, domain, split, problems=None):
+    """[(line number, tokens)] of a split's label file (images are not read), or None without one."""
+    path = label_path(root_dir, domain, split)
+    if not os.path.isfile(path):
+        return None
+    return [(lineno, tokens) for _, tokens, lineno in read_labels(path, problems or Problems(quiet=True))]
+
+
+def overlap_report(root_dir, domain, problems=None, n_examples=3):
+    """How many val and test formulas of a domain also occur in its train split (same tokens) ->
+    {split: {'n', 'in_train', 'examples': [(line, train line, tokens)]}} for the splits that have a
+    label file; {} when train has none."""
+    train = split_tokens(root_dir, domain, 'train', problems)
+    if train is None:
+        return {}
+    first_line = {}
+    for lineno, tokens in train:
+        first_line.setdefault(tuple(tokens), lineno)
+    out = {}
+    for split in ('val', 'test'):
+        rows = split_tokens(root_dir, domain, split, problems)
+        if rows is None:
+            continue
+        hits = overlap_with_train([t for _, t in train], [t for _, t in rows])
+        out[split] = {'n': len(rows), 'in_train': len(hits), 'label_file': label_path(root_dir, domain, split),
+                      'examples': [(rows[i][0], first_line[tuple(rows[i][1])], rows[i][1]) for i in hits[:n_examples]]}
+    return out
+
+
+def format_overlap(domain, report, train_file):
+    """overlap_report as printable lines."""
+    if not report:
+        return [f'{domain}: no train labels ({train_file}), no overlap to count']
+    counts = ', '.join(f'{r["in_train"]} of {r["n"]} {s}' for s, r in report.items())
+    lines = [f'{domain}: {counts} formulas also in train (same tokens, {train_file})']
+    for split, r in report.items():
+        for line, train_line, tokens in r['examples']:
+            text = detokenize(tokens)
+            lines.append(f'  {r["label_file"]}:{line} = train line {train_line}: '
+                         f'{text if len(text) <= 80 else text[:77] + "..."}')
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -1234,7 +1287,8 @@ def make_loader(dataset, batch_size, split_batch=False, shuffle=True, seed=0, nu
 
 def main(argv=None):
     p = argparse.ArgumentParser(description='Check a data root: samples, image sizes, token counts and '
-                                            'bad input per domain and split (optionally building the .cache).')
+                                            'bad input per domain and split (optionally building the .cache), '
+                                            'and per domain how many val and test formulas also occur in train.')
     p.add_argument('--root_dir', default=DEFAULT_ROOT,
                    help='data root (layout: README.md, "Data layout"; docs/formats.md)')
     p.add_argument('--domains', nargs='+', default=list(DOMAINS), help='domains to check')
@@ -1256,6 +1310,10 @@ def main(argv=None):
                   f'mean {np.mean(n_tok):.1f} max {max(n_tok)}, {100 * share:.2f}% of tokens in pre_vocab.txt'
                   + (' (missing: ' + ' '.join(f'{t} x{n}' for t, n in missing.most_common(10)) + ')'
                      if missing else '') + f', loaded in {ds.load_seconds:.2f} s')
+    for domain in args.domains:    # a formula of val or test that is also in train measures memory, not reading
+        report = overlap_report(args.root_dir, domain, problems)
+        if report or any(os.path.isfile(label_path(args.root_dir, domain, s)) for s in ('val', 'test')):
+            print('\n'.join(format_overlap(domain, report, label_path(args.root_dir, domain, 'train'))))
     if problems.summary():
         print(problems.summary())
 

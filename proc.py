@@ -7,8 +7,9 @@
 2. deng_process: the im2latex-100k image processing of Deng et al., "Image-to-Markup Generation with
    Coarse-to-Fine Attention", ICML 2017 (im2markup scripts/preprocessing/preprocess_images.py):
    crop to ink, pad 8 px, paste top-left into the smallest of 21 buckets, downsample x2.
-3. import_im2latex: convert the public im2latex-100k release (raw or processed variant) into the
-   data layout of README.md / docs/formats.md: <root_dir>/images/ and <root_dir>/labels/{train,val,test}.txt.
+3. import_im2latex: convert the public im2latex-100k data (the release, raw or processed, or the
+   im2markup repository's sample) into the data layout of README.md / docs/formats.md:
+   <root_dir>/images/ and <root_dir>/labels/{train,val,test}.txt, labels normalized (normalize_formula).
 
     python3 proc.py                                   # re-cluster math + chemistry of data/demo
     python3 proc.py --root_dir D                      # ... of another root
@@ -24,6 +25,8 @@ import shutil
 import sys
 import textwrap
 import time
+from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -58,8 +61,6 @@ DENG_DOWNSAMPLE = 2
 INK_THRESHOLD = 240        # deng_process: a pixel darker than this is ink (white = 255)
 
 SPLIT_FILES = (('train', 'train'), ('validate', 'val'), ('test', 'test'))  # release name -> ours
-RAW_IMAGE_DIRS = ('formula_images', 'images')
-PROCESSED_IMAGE_DIRS = ('formula_images_processed', 'images')
 
 
 # -----------------------------------------------------------------------------
@@ -429,7 +430,192 @@ def deng_process(page, pad=DENG_PAD, buckets_wh=DENG_BUCKETS_WH, downsample=DENG
 
 
 # -----------------------------------------------------------------------------
-# import of the public im2latex-100k release
+# import of the public im2latex-100k data (the release's two variants and the im2markup sample)
+
+class Layout(NamedTuple):
+    """Where one publication of im2latex-100k keeps its files (names relative to the source folder)."""
+    name: str            # shown in messages
+    formulas: str        # one formula per line
+    lists: str           # split lists, '{split}' is train / validate / test
+    image_dirs: tuple    # the first one that exists holds the images
+    variant: str         # 'raw': full-page renders (Deng's processing); 'processed': cropped and bucketed
+
+
+LAYOUTS = (  # tried in this order; processed before raw when both are there
+    Layout('processed im2latex-100k release', 'im2latex_formulas.norm.lst', 'im2latex_{split}_filter.lst',
+           ('formula_images_processed', 'images'), 'processed'),
+    Layout('raw im2latex-100k release', 'im2latex_formulas.lst', 'im2latex_{split}.lst',
+           ('formula_images', 'images'), 'raw'),
+    Layout('processed im2markup sample', 'formulas.norm.lst', '{split}_filter.lst',
+           ('images_processed',), 'processed'),
+    Layout('im2markup sample', 'formulas.lst', '{split}.lst', ('images', 'formula_images'), 'raw'),
+)
+
+
+def _looked_for(layout):
+    lists = layout.lists.format(split='{' + ','.join(s for s, _ in SPLIT_FILES) + '}')
+    return f'{layout.formulas} + {lists}, images in {" or ".join(d + "/" for d in layout.image_dirs)}'
+
+
+def detect_layout(src, variant='auto'):
+    """The first of LAYOUTS (of that variant unless 'auto') whose formulas file and at least one split
+    list are in src. Raises FileNotFoundError listing every file name looked for, and what src holds."""
+    candidates = [lay for lay in LAYOUTS if variant in ('auto', lay.variant)]
+    for lay in candidates:
+        if os.path.isfile(os.path.join(src, lay.formulas)) and any(
+                os.path.isfile(os.path.join(src, lay.lists.format(split=s))) for s, _ in SPLIT_FILES):
+            return lay
+    found = sorted(f for f in os.listdir(src) if f.endswith('.lst') or os.path.isdir(os.path.join(src, f)))
+    holds = ', '.join(found[:12]) + (' ...' if len(found) > 12 else '') if found else 'no .lst file or folder'
+    looked = '\n'.join(f'  {lay.name}: {_looked_for(lay)}' for lay in candidates)
+    raise FileNotFoundError(
+        f'{src}: not an im2latex-100k release or im2markup sample{"" if variant == "auto" else f" ({variant})"}. '
+        f'Looked in {src} for:\n{looked}\nIt holds: {holds}')
+
+
+# Label normalization: what the image cannot show is taken out of the labels. TeX tokens are scanned
+# (so `\%` and `\\label` are not mistaken for a comment or the command).
+_TEX_TOKEN = re.compile(r'\\(?:[A-Za-z]+|.|\Z)|.', re.DOTALL)
+_LINE_END = re.compile(r'[\r\n]')          # TeX ends a line (and a comment) at either
+INVISIBLE_COMMANDS = ('\\nonumber', '\\notag')   # no ink: dropped
+LABEL_COMMAND = '\\label'                        # no ink: dropped with its argument
+NOTHING_VISIBLE = 'nothing visible'              # normalize_formula's reason for an emptied formula
+
+
+def _strip_comments(s):
+    """'a % note\\rb' -> 'a  b': an unescaped % and the rest of its line (up to '\\r' or '\\n') become
+    one space. -> (text, whether a comment was found)."""
+    out, pos, found = [], 0, False
+    while pos < len(s):
+        m = _TEX_TOKEN.match(s, pos)
+        if m.group() == '%':
+            end = _LINE_END.search(s, pos)
+            pos, found = (end.end() if end else len(s)), True
+            out.append(' ')
+        else:
+            out.append(m.group())
+            pos = m.end()
+    return ''.join(out), found
+
+
+def _argument_end(s, pos):
+    """End of the macro argument at s[pos:] (white space skipped): a {...} group with balanced braces
+    or one token. None if there is none or the group is not closed."""
+    while pos < len(s) and s[pos].isspace():
+        pos += 1
+    depth = 0
+    while pos < len(s):
+        m = _TEX_TOKEN.match(s, pos)
+        pos = m.end()
+        depth += (m.group() == '{') - (m.group() == '}')
+        if depth <= 0:
+            return pos if depth == 0 else None
+    return None
+
+
+def _strip_commands(s):
+    """Drop \\label with its argument, \\nonumber and \\notag. -> (text, names removed, error or None)."""
+    out, removed, pos = [], [], 0
+    while pos < len(s):
+        m = _TEX_TOKEN.match(s, pos)
+        tok, pos = m.group(), m.end()
+        if tok in INVISIBLE_COMMANDS:
+            removed.append(tok)
+            out.append(' ')
+        elif tok == LABEL_COMMAND:
+            end = _argument_end(s, pos)
+            if end is None:
+                return s, removed, 'unclosed \\label argument'
+            removed.append(tok)
+            out.append(' ')
+            pos = end
+        else:
+            out.append(tok)
+    return ''.join(out), removed, None
+
+
+def _strip_trailing_breaks(s):
+    """'a \\\\ b \\\\' -> 'a \\\\ b ': a line break after the last line draws nothing. -> (text, count)."""
+    spans = [m.span() for m in _TEX_TOKEN.finditer(s) if not m.group().isspace()]
+    n = 0
+    while spans and s[spans[-1][0]:spans[-1][1]] == '\\\\':
+        s = s[:spans.pop()[0]]
+        n += 1
+    return s, n
+
+
+def normalize_formula(raw):
+    """A formula as published -> (label, what was removed), removing what draws no ink:
+    'leading %' (%s that start the formula are no comment: the published images show what follows them),
+    '% comment' (any other unescaped % to the end of its line, which '\\r' also ends; `\\%` is a
+    percent sign and stays), '\\label' (with its argument), '\\nonumber', '\\notag', 'trailing \\\\'
+    (a line break after the last line). White space is collapsed (clean_formula). \\tag, \\eqno and
+    spacing commands stay: they change the image. The label is '' when nothing visible is left
+    (removed then ends with NOTHING_VISIBLE) or a \\label argument is not closed (removed ends with
+    that reason).
+
+    Example: 'E=mc^2 \\label{eq:1} % Einstein' -> ('E=mc^2', ['% comment', '\\label'])."""
+    removed, s = [], raw.strip()
+    if s.startswith('%'):  # the published images show what follows a leading run of % (the sample's line 767)
+        s = s.lstrip('%')
+        removed.append('leading %')
+    if '%' in s:
+        s, found = _strip_comments(s)
+        removed += ['% comment'] if found else []
+    s = clean_formula(s)
+    if LABEL_COMMAND in s or any(c in s for c in INVISIBLE_COMMANDS):
+        s, names, err = _strip_commands(s)
+        if err:
+            return '', removed + [err]
+        removed += names
+    if s.endswith('\\\\'):
+        s, n = _strip_trailing_breaks(s)
+        removed += ['trailing \\\\'] * n
+    s = clean_formula(s)
+    if removed and not s:
+        removed.append(NOTHING_VISIBLE)
+    return s, removed
+
+
+def normalize_formulas(raws, path, n_examples=5):
+    """normalize_formula over a formulas file's lines -> (labels, report). report: formulas, changed
+    (something removed, label kept), dropped (nothing visible left), removed {what: formulas},
+    examples [{'line', 'before', 'after'}] of changed and dropped ones ('after' '' when dropped)."""
+    labels, removed_count = [], Counter()
+    changed = dropped = 0
+    examples, dropped_examples = [], []
+    for i, raw in enumerate(raws):
+        label, removed = normalize_formula(raw)
+        labels.append(label)
+        if not removed:
+            continue
+        removed_count.update(set(removed))
+        if label:
+            changed += 1
+            target = examples
+        else:
+            dropped += 1
+            target = dropped_examples
+        if len(target) < n_examples:
+            target.append({'line': i + 1, 'before': clean_formula(raw), 'after': label})
+    return labels, {'file': path, 'formulas': len(raws), 'changed': changed, 'dropped': dropped,
+                    'removed': dict(removed_count.most_common()), 'examples': examples + dropped_examples}
+
+
+def format_normalization(report):
+    """The import's normalization report as a few printable lines."""
+    what = ', '.join(f'{k} {n}' for k, n in report['removed'].items()) or 'nothing'
+    lines = [f'normalized {report["formulas"]} formulas of {report["file"]}: {report["changed"]} changed, '
+             f'{report["dropped"]} dropped (formulas with: {what})']
+    for e in report['examples']:
+        lines.append(f'  {report["file"]}:{e["line"]}: {_short(e["before"])}\n'
+                     f'    -> {_short(e["after"]) if e["after"] else "(dropped)"}')
+    return '\n'.join(lines)
+
+
+def _short(s, n=100):
+    return s if len(s) <= n else s[:n - 3] + '...'
+
 
 def clean_formula(s):
     """Every run of white space (including '\\r', tabs, Unicode spaces) -> one space, ends stripped;
@@ -443,8 +629,9 @@ def clean_formula(s):
 
 
 def read_formulas(path, problems):
-    """The release's formulas file: one formula per b'\\n'-separated line ('\\r' inside a formula is
-    white space). UTF-8, falling back to Latin-1 for a line that is not (reported, still used)."""
+    """A formulas file: one formula per b'\\n'-separated line, returned as published ('\\r' inside a
+    formula kept: it ends a TeX comment). UTF-8, falling back to Latin-1 for a line that is not
+    (reported with file and line, still used)."""
     with open(path, 'rb') as f:
         lines = f.read().split(b'\n')
     if lines and lines[-1] == b'':
@@ -456,15 +643,30 @@ def read_formulas(path, problems):
         except UnicodeDecodeError as e:
             s = b.decode('latin-1')
             problems.report(path, i + 1, 'not utf-8', f'not UTF-8 (byte {e.start}: {e.reason}); read as Latin-1')
-        out.append(clean_formula(s))
+        out.append(s)
     return out
 
 
+def _parse_list_line(fields, variant):
+    """Fields of one split-list line -> (image file name, formula index); raises ValueError.
+    3 fields: 'formula_idx image_name render_type'. 2 fields: the one ending in .png is the image,
+    else the layout's order ('formula_idx image_name' raw, 'image_name formula_idx' processed).
+    A name without an extension gets '.png'."""
+    if len(fields) == 3:
+        idx, name = fields[0], fields[1]
+    elif len(fields) == 2:
+        png = [f.lower().endswith('.png') for f in fields]
+        name_first = png[0] if png[0] != png[1] else variant == 'processed'
+        name, idx = fields if name_first else fields[::-1]
+    else:
+        raise ValueError
+    name = name if name.lower().endswith(IMAGE_EXTENSIONS) else name + '.png'
+    return name, int(idx)
+
+
 def _read_list(path, variant, problems):
-    """-> [(line number, image file name, formula index)]. raw: 'formula_idx image_name render_type';
-    processed: 'image_name.png formula_idx'."""
-    expected = ("'formula_idx image_name render_type'" if variant == 'raw'
-                else "'image_name.png formula_idx'")
+    """A split list -> [(line number, image file name, formula index)]; bad lines are reported and skipped."""
+    expected = "'formula_idx image_name [render_type]' or 'image_name.png formula_idx'"
     with open(path, 'rb') as f:
         lines = f.read().split(b'\n')
     out = []
@@ -477,13 +679,7 @@ def _read_list(path, variant, problems):
         if not fields:
             continue
         try:
-            if variant == 'raw' and len(fields) in (2, 3):
-                idx, name = int(fields[0]), fields[1]
-                name = name if name.lower().endswith('.png') else name + '.png'
-            elif variant == 'processed' and len(fields) == 2:
-                name, idx = fields[0], int(fields[1])
-            else:
-                raise ValueError
+            name, idx = _parse_list_line(fields, variant)
         except ValueError:
             problems.report(path, i, 'bad line', f'expected {expected}, got {b[:80]!r}: skipped')
             continue
@@ -492,18 +688,6 @@ def _read_list(path, variant, problems):
             continue
         out.append((i, name, idx))
     return out
-
-
-def detect_variant(src):
-    """'processed' or 'raw' by the files in src (processed wins when both are there)."""
-    for variant, formulas, suffix in (('processed', 'im2latex_formulas.norm.lst', '_filter'),
-                                      ('raw', 'im2latex_formulas.lst', '')):
-        if os.path.isfile(os.path.join(src, formulas)) and any(
-                os.path.isfile(os.path.join(src, f'im2latex_{s}{suffix}.lst')) for s, _ in SPLIT_FILES):
-            return variant
-    raise FileNotFoundError(
-        f'{src}: not an im2latex-100k release: expected im2latex_formulas.lst + im2latex_{{train,validate,test}}.lst '
-        '(raw) or im2latex_formulas.norm.lst + im2latex_{train,validate,test}_filter.lst (processed)')
 
 
 def _import_task(task):
@@ -531,51 +715,44 @@ def _import_task(task):
 
 
 def _release_folders(src, root_dir, variant):
-    """-> (variant, folder of the release's images, our images folder), after checking that they exist
-    and that importing does not overwrite the release's own images."""
+    """-> (layout, folder of the source's images, our images folder), after checking that they exist
+    and that importing does not overwrite the source's own images."""
     if not os.path.isdir(src):
         raise FileNotFoundError(f'{src}: no such folder')
-    variant = detect_variant(src) if variant == 'auto' else variant
-    if variant not in ('raw', 'processed'):
+    if variant not in ('auto', 'raw', 'processed'):
         raise ValueError(f'variant must be auto, raw or processed, not {variant!r}')
-    candidates = RAW_IMAGE_DIRS if variant == 'raw' else PROCESSED_IMAGE_DIRS
-    image_dirs = [os.path.join(src, d) for d in candidates if os.path.isdir(os.path.join(src, d))]
+    layout = detect_layout(src, variant)
+    image_dirs = [os.path.join(src, d) for d in layout.image_dirs if os.path.isdir(os.path.join(src, d))]
     if not image_dirs:
-        raise FileNotFoundError(f'{src}: no image folder ({" or ".join(candidates)}) for the {variant} variant')
+        raise FileNotFoundError(f'{src}: no image folder ({" or ".join(layout.image_dirs)}) for the '
+                                f'{layout.name} ({layout.formulas} was found)')
     img_dir, out_dir = image_dirs[0], os.path.join(root_dir, 'images')
-    if variant == 'raw' and os.path.realpath(img_dir) == os.path.realpath(out_dir):
+    if layout.variant == 'raw' and os.path.realpath(img_dir) == os.path.realpath(out_dir):
         raise ValueError(f'{img_dir} would be overwritten by the processed images: choose another --root_dir')
-    return variant, img_dir, out_dir
+    return layout, img_dir, out_dir
 
 
-def _plan_import(src, variant, img_dir, out_dir, problems):
-    """Read the formulas and the split lists -> (samples {our split: [(name, formula)]}, tasks of the
-    images still to import, count of images already imported). Bad lines, out-of-range indexes, empty
-    formulas, duplicate names and missing images are reported and left out."""
-    formulas_path = os.path.join(src, 'im2latex_formulas.norm.lst' if variant == 'processed'
-                                 else 'im2latex_formulas.lst')
-    formulas = read_formulas(formulas_path, problems)
+def _plan_import(src, layout, img_dir, out_dir, problems):
+    """Read and normalize the formulas, read the split lists -> (samples {our split: [(name, label,
+    original)]}, tasks of the images still to import, count of images already imported, normalization
+    report). Bad lines, out-of-range indexes, empty formulas, formulas the normalization drops, duplicate
+    names and missing images are reported and left out."""
+    formulas_path = os.path.join(src, layout.formulas)
+    raws = read_formulas(formulas_path, problems)
+    labels, report = normalize_formulas(raws, formulas_path)
     samples, seen, tasks, existing = {}, {}, [], 0
     for theirs, ours in SPLIT_FILES:
-        list_path = os.path.join(src, f'im2latex_{theirs}{"_filter" if variant == "processed" else ""}.lst')
+        list_path = os.path.join(src, layout.lists.format(split=theirs))
         if not os.path.isfile(list_path):
             print(f'{list_path}: not found, no {ours} split', file=sys.stderr)
             continue
         samples[ours] = []
-        for lineno, name, idx in _read_list(list_path, variant, problems):
-            where = f'{list_path}:{lineno}'
-            if not 0 <= idx < len(formulas):
-                problems.report(list_path, lineno, 'formula index out of range',
-                                f'formula index {idx} not in 0..{len(formulas) - 1} of {formulas_path}: skipped')
+        for lineno, name, idx in _read_list(list_path, layout.variant, problems):
+            why = _unusable(idx, raws, labels, name, seen, formulas_path)
+            if why:
+                problems.report(list_path, lineno, *why)
                 continue
-            if not formulas[idx]:
-                problems.report(list_path, lineno, 'empty formula',
-                                f'formula {idx} ({formulas_path}:{idx + 1}) is empty: skipped')
-                continue
-            if name in seen:
-                problems.report(list_path, lineno, 'duplicate image', f'{name} already used at {seen[name]}: skipped')
-                continue
-            seen[name] = where
+            seen[name] = f'{list_path}:{lineno}'
             src_img, dst_img = os.path.join(img_dir, name), os.path.join(out_dir, name)
             if os.path.isfile(dst_img):
                 existing += 1
@@ -583,35 +760,75 @@ def _plan_import(src, variant, img_dir, out_dir, problems):
                 problems.report(list_path, lineno, 'missing image', f'image {src_img} not found: skipped')
                 continue
             else:
-                tasks.append((name, src_img, dst_img, variant))
-            samples[ours].append((name, formulas[idx]))
-    return samples, tasks, existing
+                tasks.append((name, src_img, dst_img, layout.variant))
+            samples[ours].append((name, labels[idx], raws[idx]))
+    return samples, tasks, existing, report
+
+
+def _unusable(idx, raws, labels, name, seen, formulas_path):
+    """(kind, message) when a list line cannot be imported, else None."""
+    if not 0 <= idx < len(raws):
+        return ('formula index out of range',
+                f'formula index {idx} not in 0..{len(raws) - 1} of {formulas_path}: skipped')
+    where = f'formula {idx} ({formulas_path}:{idx + 1})'
+    if not clean_formula(raws[idx]):
+        return 'empty formula', f'{where} is empty: skipped'
+    if not labels[idx]:
+        reason = normalize_formula(raws[idx])[1][-1]
+        shown = _short(clean_formula(raws[idx]), 60)
+        return 'dropped by normalization', f'{where}: {reason} once normalized ({shown!r}): skipped'
+    if name in seen:
+        return 'duplicate image', f'{name} already used at {seen[name]}: skipped'
+    return None
+
+
+_LINE_BREAKING = re.compile(r'[\t\n\r\v\f\x1c-\x1e\x85\u2028\u2029]')   # would split or shift a label line
+
+
+def _write_labels(root_dir, samples, failed):
+    """labels/<split>.txt ('<image>\\t<label>') and, line for line, labels/<split>.orig.txt ('<image>\\t<formula
+    as published>', characters that would break the line written as spaces). -> {split: samples}."""
+    counts = {}
+    for split, items in samples.items():
+        kept = [(name, label, raw) for name, label, raw in items if name not in failed]
+        counts[split] = len(kept)
+        write_text(os.path.join(root_dir, 'labels', f'{split}.txt'),
+                   ''.join(f'{name}\t{label}\n' for name, label, _ in kept))
+        write_text(os.path.join(root_dir, 'labels', f'{split}.orig.txt'),
+                   ''.join(f'{name}\t{_LINE_BREAKING.sub(" ", raw)}\n' for name, _, raw in kept))
+    return counts
 
 
 def import_im2latex(src, root_dir, workers=None, problems=None, variant='auto'):
-    """Import the public im2latex-100k release in src into <root_dir>/images/ and
-    <root_dir>/labels/{train,val,test}.txt (validate -> val; lines '<image>.png\\t<formula>').
+    """Import the public im2latex-100k data in src into <root_dir>/images/ and
+    <root_dir>/labels/{train,val,test}.txt (validate -> val; lines '<image>.png\\t<label>').
 
-    raw variant: im2latex_formulas.lst, im2latex_{train,validate,test}.lst, full pages in
-    src/formula_images/ or src/images/ -> deng_process. processed variant: im2latex_formulas.norm.lst,
-    im2latex_{split}_filter.lst, images in src/formula_images_processed/ or src/images/ -> copied
-    (grayscale PNG kept byte for byte, other modes converted). Missing images, bad lines, out-of-range
-    formula indexes, empty formulas, duplicate names, corrupt images and blank pages/images are
+    Layouts (LAYOUTS, detect_layout): the release, raw (im2latex_formulas.lst,
+    im2latex_{train,validate,test}.lst, full pages in formula_images/) or processed
+    (im2latex_formulas.norm.lst, im2latex_{split}_filter.lst, formula_images_processed/), and the
+    im2markup repository's sample (formulas.lst, {train,validate,test}.lst, full pages in images/;
+    processed: formulas.norm.lst, {split}_filter.lst, images_processed/). Full pages go through
+    deng_process; processed images are copied (grayscale PNG kept byte for byte, other modes converted).
+    Every formula is normalized (normalize_formula: comments, \\label, \\nonumber, \\notag out); the
+    published text is kept line for line in labels/<split>.orig.txt, and labels/import.json records
+    the import with the normalization report. Missing images, bad lines, out-of-range formula indexes,
+    empty formulas, formulas with nothing visible, duplicate names, corrupt images and blank pages are
     reported to problems and skipped. Images already in <root_dir>/images/ are not redone (resumable).
 
-    Returns {'variant', 'image_dir', 'splits': {split: n samples}, 'written', 'existing', 'skipped', 'seconds'}.
+    Returns {'layout', 'variant', 'image_dir', 'splits': {split: n samples}, 'written', 'existing',
+    'skipped', 'normalization', 'seconds'}.
     """
     t0 = time.time()
     problems = Problems() if problems is None else problems
     src, root_dir = os.fspath(src), os.fspath(root_dir)
-    variant, img_dir, out_dir = _release_folders(src, root_dir, variant)
+    layout, img_dir, out_dir = _release_folders(src, root_dir, variant)
     skipped_before = len(problems)
-    samples, tasks, existing = _plan_import(src, variant, img_dir, out_dir, problems)
+    samples, tasks, existing, report = _plan_import(src, layout, img_dir, out_dir, problems)
 
     os.makedirs(out_dir, exist_ok=True)
     _remove_stray_temps(out_dir)
     failed, written = {}, 0
-    for name, status, msg in _pmap(_import_task, tasks, workers, f'importing {variant} im2latex'):
+    for name, status, msg in _pmap(_import_task, tasks, workers, f'importing the {layout.name}'):
         if status == 'ok':
             written += 1
         else:
@@ -619,13 +836,13 @@ def import_im2latex(src, root_dir, workers=None, problems=None, variant='auto'):
     for name, (status, msg) in sorted(failed.items()):  # after the progress bar
         problems.report(os.path.join(img_dir, name), None, 'blank page' if status == 'blank' else 'corrupt image', msg)
 
-    counts = {}
-    for split, items in samples.items():
-        lines = [f'{name}\t{formula}\n' for name, formula in items if name not in failed]
-        counts[split] = len(lines)
-        write_text(os.path.join(root_dir, 'labels', f'{split}.txt'), ''.join(lines))
-    return {'variant': variant, 'image_dir': img_dir, 'splits': counts, 'written': written,
-            'existing': existing, 'skipped': len(problems) - skipped_before, 'seconds': time.time() - t0}
+    counts = _write_labels(root_dir, samples, failed)
+    result = {'layout': layout.name, 'variant': layout.variant, 'source': os.path.abspath(src),
+              'image_dir': img_dir, 'splits': counts, 'written': written, 'existing': existing,
+              'skipped': len(problems) - skipped_before, 'normalization': report, 'seconds': time.time() - t0}
+    write_json(os.path.join(root_dir, 'labels', 'import.json'),
+               dict(result, skipped_by_kind=dict(problems.counts), seconds=round(result['seconds'], 1)))
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -634,7 +851,7 @@ def import_im2latex(src, root_dir, workers=None, problems=None, variant='auto'):
 def main(argv=None):
     p = argparse.ArgumentParser(
         description='Re-cluster image sizes with k-means and resize (default: the math and chemistry '
-                    'sets of --root_dir), or import the public im2latex-100k release.')
+                    'sets of --root_dir), or import the public im2latex-100k data.')
     p.add_argument('--root_dir', default=DEFAULT_ROOT,
                    help='data root; without --img_root, <root_dir>/adaptation_data/{math,chemistry}_images '
                         'are clustered into *_images_resized; --import_im2latex writes here (default: %(default)s)')
@@ -649,10 +866,14 @@ def main(argv=None):
                    help='worker processes (default: every CPU core this process may use)')
     p.add_argument('--seed', type=int, default=SEED, help='k-means random seed (default: %(default)s)')
     p.add_argument('--import_im2latex', metavar='SRC', default=None,
-                   help='import the im2latex-100k release in SRC (raw or processed variant) into --root_dir')
+                   help='import im2latex-100k from SRC into --root_dir: the release (im2latex_formulas.lst, '
+                        'im2latex_{train,validate,test}.lst, formula_images/; or its processed variant) or the '
+                        'im2markup sample (formulas.lst, {train,validate,test}.lst, images/). Labels are '
+                        'normalized (comments, \\label, \\nonumber, \\notag removed) and the published text '
+                        'kept in labels/<split>.orig.txt')
     p.add_argument('--variant', choices=('auto', 'raw', 'processed'), default='auto',
-                   help='which variant of the release --import_im2latex reads; auto takes processed if present '
-                        '(default: %(default)s)')
+                   help='which variant --import_im2latex reads: raw (full pages) or processed (cropped and '
+                        'bucketed); auto takes processed if present (default: %(default)s)')
     args = p.parse_args(argv)
     if args.clusters < 1:
         p.error('--clusters must be >= 1')
@@ -667,8 +888,11 @@ def main(argv=None):
             print(f'error: {e}', file=sys.stderr)
             return 2
         splits = ', '.join(f'{s} {n}' for s, n in r['splits'].items())
-        print(f'imported the {r["variant"]} im2latex-100k release into {args.root_dir}: {splits} samples; '
-              f'{r["written"]} images written, {r["existing"]} already there ({r["seconds"]:.1f} s)')
+        print(format_normalization(r['normalization']))
+        print(f'imported the {r["layout"]} into {args.root_dir}: {splits} samples; {r["written"]} images '
+              f'written, {r["existing"]} already there ({r["seconds"]:.1f} s). Labels as published: '
+              f'{os.path.join(args.root_dir, "labels", "<split>.orig.txt")}; record: '
+              f'{os.path.join(args.root_dir, "labels", "import.json")}')
         if problems.summary():
             print(problems.summary())
         return 0

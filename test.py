@@ -4,11 +4,13 @@
     python3 test.py --test_on openai --beam 5 --render_eval --report worst.html
     python3 test.py --weights runs/openai/best.pt --image a.png b.jpg scans/
     python3 test.py --score runs/math/predictions_math_test.tsv   # re-score a predictions file
+    python3 test.py --test_on openai --exclude_overlap      # only test formulas that are not in train
 
 Evaluation writes to <out_dir>/<test_on>/ (Deng et al. 2017 column order, so im2markup's scripts
 can re-score the predictions):
     predictions_<domain>_<split>.tsv    image \\t gold \\t pred \\t score_pred \\t score_gold
-    metrics_<domain>_<split>.json       the metrics, the checkpoint, how it was decoded, timing
+    metrics_<domain>_<split>.json       the metrics, the checkpoint, how it was decoded, timing, and how
+                                        many formulas also occur in train (overlap_with_train)
 The TSV has no header; gold and pred are space-joined tokens; the scores are the model's summed
 log-probabilities of its prediction and of the gold (<eos> included; nan if the gold is longer than
 the model's positions), so score_gold > score_pred flags a search error.
@@ -360,6 +362,10 @@ def get_args(argv=None):
     g.add_argument('--mean_teacher', action='store_true',
                    help='evaluate the checkpoint\'s teacher (EMA) weights instead of the student\'s')
     g.add_argument('--tag', default='', help='suffix for the output files, e.g. beam5 -> predictions_math_test_beam5.tsv')
+    g.add_argument('--exclude_overlap', action='store_true',
+                   help='score only the formulas whose tokens occur in no train split (of --test_on and of the '
+                        'checkpoint\'s training domain); output files get the suffix _unseen. Without it the '
+                        'metrics JSON still counts them (overlap_with_train)')
 
     g = p.add_argument_group('decoding')
     g.add_argument('--beam', type=int, default=BEAM, help='beam size (1 = greedy, cached)')
@@ -409,8 +415,10 @@ def get_args(argv=None):
         p.error('--beam must be >= 1')
     if args.batchsz < 1 or args.max_len < 1 or args.report_n < 1:
         p.error('--batchsz, --max_len and --report_n must be >= 1')
-    if args.image is not None and (args.render_eval or args.report or args.score):
-        p.error('--render_eval, --report and --score belong to an evaluation, not to --image')
+    if args.image is not None and (args.render_eval or args.report or args.score or args.exclude_overlap):
+        p.error('--render_eval, --report, --score and --exclude_overlap belong to an evaluation, not to --image')
+    if args.exclude_overlap and args.split == 'train':
+        p.error('--exclude_overlap compares with the train split: evaluate val or test')
     return args
 
 
@@ -418,7 +426,9 @@ def default_weights(args):
     return args.weights or os.path.join(args.out_dir, args.test_on, 'best.pt')
 
 
-def build_loader(args, vocab, device, problems):
+def build_loader(args, vocab, device, problems, train_on=None):
+    """-> (data set, loader, overlap dict for the metrics JSON). With --exclude_overlap the data set
+    holds only the formulas not in train."""
     try:
         ds = data.FormulaDataset(args.root_dir, args.test_on, args.split, vocab=vocab, cache=args.cache,
                                  problems=problems)
@@ -427,9 +437,40 @@ def build_loader(args, vocab, device, problems):
     if len(ds) == 0:
         raise SystemExit(f'error: no usable samples in {args.test_on}/{args.split} under {args.root_dir}'
                          + (f' ({problems.summary()})' if len(problems) else ''))
+    seen, domains = train_overlap(args, ds, train_on)
+    overlap = {'overlap_with_train': None if seen is None else len(seen), 'overlap_train_domains': domains,
+               'exclude_overlap': args.exclude_overlap}
+    if args.exclude_overlap:
+        if seen is None:
+            raise SystemExit(f'error: --exclude_overlap needs a train label file, none found for '
+                             f'{" or ".join(domains_to_compare(args, train_on))} under {args.root_dir}')
+        seen = set(seen)
+        ds = ds.select([i for i in range(len(ds)) if i not in seen])
+        if len(ds) == 0:
+            raise SystemExit(f'error: every formula of {args.test_on}/{args.split} also occurs in train: '
+                             'nothing left to score with --exclude_overlap')
     loader, _ = data.make_loader(ds, args.batchsz, shuffle=False, workers=args.workers,
                                  pin_memory=device.type == 'cuda')
-    return ds, loader
+    return ds, loader, overlap
+
+
+def domains_to_compare(args, train_on):
+    """The evaluated domain and, if another, the checkpoint's training domain."""
+    return [args.test_on] + ([train_on] if train_on in data.DOMAINS and train_on != args.test_on else [])
+
+
+def train_overlap(args, ds, train_on):
+    """-> (indexes of ds's formulas whose tokens occur in a train split, the domains whose train labels
+    were compared); (None, []) for the train split itself or when there are no train labels."""
+    if args.split == 'train':
+        return None, []
+    train, used = [], []
+    for domain in domains_to_compare(args, train_on):
+        rows = data.split_tokens(args.root_dir, domain, 'train')
+        if rows is not None:
+            train += [tokens for _, tokens in rows]
+            used.append(domain)
+    return (data.overlap_with_train(train, ds.tokens), used) if used else (None, [])
 
 
 def device_name(device):
@@ -438,11 +479,15 @@ def device_name(device):
     return platform.processor() or platform.machine() or 'cpu'
 
 
-def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights, problems=None, ckpt_meta=None):
-    """Decode the split, compute the metrics, print the table, write the TSV + JSON (+ report). -> metrics dict."""
+def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights, problems=None, ckpt_meta=None,
+             overlap=None):
+    """Decode the split, compute the metrics, print the table, write the TSV + JSON (+ report). -> metrics dict.
+    overlap: build_loader's counts of formulas also in train, copied into the JSON."""
     ds = loader.dataset
+    overlap = overlap or {}
     decoding = 'greedy' if args.beam == 1 else f'beam {args.beam}'
-    info(f'{args.test_on}/{args.split}: {len(ds)} formulas, {checkpoint} ({weights} weights), {decoding}, '
+    info(f'{args.test_on}/{args.split}: {len(ds)} formulas' + (' not in train' if args.exclude_overlap else '')
+         + f', {checkpoint} ({weights} weights), {decoding}, '
          f'max_len {args.max_len}, {device}' + (f', autocast {amp_dtype}' if amp_dtype else ''))
     t0 = time.perf_counter()
     records = decode_dataset(model, loader, vocab, beam=args.beam, max_len=args.max_len, amp_dtype=amp_dtype,
@@ -461,11 +506,12 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
         metrics['renderer'] = args.renderer
 
     out_dir = os.path.join(args.out_dir, args.test_on)
-    suffix = f'_{args.tag}' if args.tag else ''
+    suffix = (f'_{args.tag}' if args.tag else '') + ('_unseen' if args.exclude_overlap else '')
     tsv = os.path.join(out_dir, f'predictions_{args.test_on}_{args.split}{suffix}.tsv')
     js = os.path.join(out_dir, f'metrics_{args.test_on}_{args.split}{suffix}.json')
     write_predictions(tsv, [(ds.names[r.index], r.gold, r.pred, r.score_pred, r.score_gold) for r in records])
     result = dict(metrics)
+    result.update(overlap)
     # a search error: the model prefers the gold (higher log-prob) but the search returned something else
     search_errors = sum(r.gold != r.pred and r.score_gold > r.score_pred + 1e-4 for r in records)  # nan -> False
     result.update({
@@ -483,6 +529,10 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
 
     print(f'{args.test_on}/{args.split}: {len(records)} formulas, {weights} weights of {checkpoint}, {decoding}')
     print(format_metrics(metrics))
+    if overlap.get('overlap_with_train') is not None:
+        n_split = len(ds) + overlap['overlap_with_train'] if args.exclude_overlap else len(ds)
+        how = 'left out of these metrics' if args.exclude_overlap else 'scored; --exclude_overlap leaves them out'
+        print(f'  also in train         {overlap["overlap_with_train"]} of {n_split} formulas (same tokens; {how})')
     if 'render_failures_pred' in metrics:
         print(f'  (image metrics rendered with {metrics["renderer"]}: {metrics["image_n"]} scored; predictions '
               f'that did not render {metrics["render_failures_pred"]}, golds left out '
@@ -562,9 +612,9 @@ def main(argv=None):
     if ckpt.get('train_on') and ckpt['train_on'] != args.test_on:
         info(f'note: the checkpoint was trained on {ckpt["train_on"]}, evaluating on {args.test_on}')
     problems = data.Problems()
-    _, loader = build_loader(args, vocab, device, problems)
+    _, loader, overlap = build_loader(args, vocab, device, problems, ckpt.get('train_on'))
     meta = {k: ckpt[k] for k in ('train_on', 'epoch', 'step', 'best_metric') if k in ckpt}
-    evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights, problems, meta)
+    evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights, problems, meta, overlap)
     return 0
 
 

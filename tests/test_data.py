@@ -772,3 +772,21 @@ def test_vocab_coverage_hand_computed():
         data.PRE_VOCAB))
     assert share == pytest.approx(4 / 6) and missing == {'\\foo': 2}
     assert data.vocab_coverage([], {'a'}) == (1.0, {})
+
+
+def test_overlap_report_counts_formulas_planted_in_train(tmp_path, capsys):
+    # train holds a+b and \frac{1}{2}; test repeats a+b (spaced: the same tokens), val repeats \frac{1}{2}
+    root = make_root(tmp_path / 'root', n=3, splits=('train',), formulas=['a+b', '\\frac{1}{2}', 'x^2'])
+    make_root(tmp_path / 'root', n=3, splits=('val',), formulas=['y', '\\frac {1} {2}', 'x^{2}'])
+    make_root(tmp_path / 'root', n=4, splits=('test',), formulas=['c', 'a + b', 'd', 'e'])
+    assert data.overlap_with_train([['a'], ['b', 'c']], [['b', 'c'], ['c'], ['b', 'c']]) == [0, 2]
+    r = data.overlap_report(root, 'openai')
+    assert (r['val']['n'], r['val']['in_train']) == (3, 1) and (r['test']['n'], r['test']['in_train']) == (4, 1)
+    assert r['test']['examples'] == [(2, 1, ['a', '+', 'b'])]          # test line 2 = train line 1
+    assert r['val']['examples'] == [(2, 2, data.tokenize('\\frac{1}{2}'))]
+    data.main(['--root_dir', root, '--domains', 'openai', 'math'])
+    out = capsys.readouterr().out
+    assert 'openai: 1 of 3 val, 1 of 4 test formulas also in train' in out
+    assert f'{data.label_path(root, "openai", "test")}:2 = train line 1: a + b' in out
+    assert 'math:' not in out.replace('math/', '')                   # no math labels: no overlap line
+    assert data.overlap_report(tmp_path / 'nowhere', 'openai') == {}

@@ -4,6 +4,7 @@ tokens and an end-to-end run on the demo data."""
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -286,6 +287,29 @@ def test_mean_teacher_selects_the_teacher(tiny_root, tiny_ckpts, tmp_path, capsy
         meta = json.loads((out / 'math' / 'metrics_math_test.json').read_text())
         assert meta['weights'] == which
     assert 'teacher (EMA) weights' in capsys.readouterr().err
+
+
+def test_exclude_overlap_scores_only_formulas_not_in_train(tiny_root, tiny_ckpts, tmp_path):
+    with pytest.raises(SystemExit, match='needs a train label file'):          # tiny_root has no train.txt
+        _run_eval(tiny_root, tiny_ckpts['plain'], tmp_path, '--exclude_overlap')
+    root = tmp_path / 'root'
+    shutil.copytree(tiny_root, root)
+    with open(root / 'adaptation_data' / 'math_labels' / 'train.txt', 'w', encoding='utf-8') as f:
+        f.write(f't0.png\t{LABELS[1]}\nt1.png\tq\nt2.png\t{LABELS[3].replace(" ", "")}\n')  # f1, f3 planted
+    out = tmp_path / 'out'
+    assert _run_eval(str(root), tiny_ckpts['plain'], out) == 0
+    full = json.loads((out / 'math' / 'metrics_math_test.json').read_text())
+    assert (full['n'], full['overlap_with_train'], full['exclude_overlap']) == (5, 2, False)
+    assert full['overlap_train_domains'] == ['math']
+    assert _run_eval(str(root), tiny_ckpts['plain'], out, '--exclude_overlap') == 0
+    unseen = json.loads((out / 'math' / 'metrics_math_test_unseen.json').read_text())
+    assert (unseen['n'], unseen['overlap_with_train'], unseen['exclude_overlap']) == (3, 2, True)
+    rows = ev.read_predictions(out / 'math' / 'predictions_math_test_unseen.tsv')
+    assert [r.image for r in rows] == ['f0.png', 'f2.png', 'f4.png']
+    by_image = {r.image: r for r in ev.read_predictions(out / 'math' / 'predictions_math_test.tsv')}
+    subset = metrics.compute_metrics([by_image[r.image].gold for r in rows], [by_image[r.image].pred for r in rows])
+    assert unseen['edit_accuracy'] == pytest.approx(subset['edit_accuracy'])
+    assert unseen['norm_edit_distance'] == pytest.approx(subset['norm_edit_distance'])
 
 
 def test_mean_teacher_without_teacher_is_a_clear_error(tiny_root, tiny_ckpts, tmp_path):

@@ -425,6 +425,91 @@ def test_import_loads_with_read_labels(tmp_path):
             assert data.load_gray(os.path.join(root, 'images', name)).shape == (50, 120)
 
 
+# the im2markup sample layout: formulas.lst, {train,validate,test}.lst ('idx name render_type', names
+# without .png), full pages in images/; formulas with what no image shows
+SAMPLE_FORMULAS = [
+    '\\frac{a}{b} \\label{eq:one}',                 # 0 \label (train)
+    'x^2 = 5\\% % a note\ry',                       # 1 comment ends at \r; \% stays (train)
+    'a+b \\nonumber \\\\',                          # 2 \nonumber and a trailing line break (train)
+    '\\label{only}',                                # 3 nothing visible: dropped (train)
+    '%c=d \\notag',                                 # 4 leading %: no comment; \notag (val)
+    '\\sqrt{2}',                                    # 5 unchanged (test)
+]
+SAMPLE_EXPECTED = {
+    'train': [('p0.png', '\\frac{a}{b}'), ('p1.png', 'x^2 = 5\\% y'), ('p2.png', 'a+b')],
+    'val': [('p4.png', 'c=d')],
+    'test': [('p5.png', '\\sqrt{2}')],
+}
+
+
+def make_im2markup_sample(src):
+    os.makedirs(os.path.join(src, 'images'))
+    with open(os.path.join(src, 'formulas.lst'), 'w', encoding='utf-8', newline='') as f:
+        f.write(''.join(s + '\n' for s in SAMPLE_FORMULAS))
+    for i in range(len(SAMPLE_FORMULAS)):
+        page = np.full((120, 200), 255, np.uint8)
+        page[40:52, 20:40 + 10 * i] = 0
+        Image.fromarray(page).save(os.path.join(src, 'images', f'p{i}.png'))
+    lists = {'train': '0 p0 basic\n1 p1 basic\n2 p2 basic\n3 p3 basic\n', 'validate': '4 p4 basic\n',
+             'test': 'p5.png 5\n'}                     # the 'image idx' order is read too
+    for split, text in lists.items():
+        with open(os.path.join(src, f'{split}.lst'), 'w') as f:
+            f.write(text)
+
+
+def test_import_im2markup_sample_layout_normalizes_labels(tmp_path, capsys):
+    src, root = str(tmp_path / 'sample'), str(tmp_path / 'root')
+    make_im2markup_sample(src)
+    assert proc.main(['--import_im2latex', src, '--root_dir', root, '--workers', '1']) == 0
+    out = capsys.readouterr().out
+    assert 'im2markup sample' in out and '4 changed, 1 dropped' in out
+    hidden = {'\\label', '\\nonumber', '\\notag', '%'}
+    for split, expected in SAMPLE_EXPECTED.items():
+        assert read_label_file(os.path.join(root, 'labels', f'{split}.txt')) == expected
+        rows = data.read_labels(os.path.join(root, 'labels', f'{split}.txt'), data.Problems(quiet=True))
+        assert not hidden & {t for _, tokens, _ in rows for t in tokens}
+        orig = read_label_file(os.path.join(root, 'labels', f'{split}.orig.txt'))
+        assert [n for n, _ in orig] == [n for n, _ in expected]   # line for line beside the labels
+    assert '\\%' in data.tokenize(SAMPLE_EXPECTED['train'][1][1])
+    assert read_label_file(os.path.join(root, 'labels', 'train.orig.txt'))[1][1] == 'x^2 = 5\\% % a note y'
+    assert sorted(os.listdir(os.path.join(root, 'images'))) == ['p0.png', 'p1.png', 'p2.png', 'p4.png', 'p5.png']
+    with open(os.path.join(root, 'labels', 'import.json')) as f:
+        record = json.load(f)
+    norm = record['normalization']
+    assert record['layout'] == 'im2markup sample' and record['splits'] == {'train': 3, 'val': 1, 'test': 1}
+    assert (norm['formulas'], norm['changed'], norm['dropped']) == (6, 4, 1)
+    assert norm['removed'] == {'\\label': 2, '% comment': 1, '\\nonumber': 1, 'trailing \\\\': 1,
+                               'nothing visible': 1, 'leading %': 1, '\\notag': 1}
+    assert record['skipped_by_kind'] == {'dropped by normalization': 1}
+
+
+@pytest.mark.parametrize('raw, label, removed', [
+    ('E=mc^2 \\label{eq:1} % Einstein', 'E=mc^2', ['% comment', '\\label']),
+    ('a \\\\%c\r b', 'a \\\\ b', ['% comment']),            # \\ then a comment, which \r ends
+    ('\\label{a{b}c}x\\labelled', 'x\\labelled', ['\\label']),  # balanced braces; another command stays
+    ('%%x_1%%', 'x_1', ['leading %', '% comment']),
+    ('a \\tag{1} \\, \\eqno(2)', 'a \\tag{1} \\, \\eqno(2)', []),  # visible: kept
+    ('a\\label{open', '', ['unclosed \\label argument']),
+    ('\\notag % x', '', ['% comment', '\\notag', 'nothing visible']),
+])
+def test_normalize_formula(raw, label, removed):
+    assert proc.normalize_formula(raw) == (label, removed)
+
+
+def test_unknown_layout_lists_the_file_names_looked_for(tmp_path, capsys):
+    (tmp_path / 'labels.lst').write_text('0 a\n')
+    (tmp_path / 'pics').mkdir()
+    assert proc.main(['--import_im2latex', str(tmp_path), '--root_dir', str(tmp_path / 'r')]) == 2
+    err = capsys.readouterr().err
+    assert f'Looked in {tmp_path} for' in err
+    for name in ('im2latex_formulas.lst', 'im2latex_{train,validate,test}.lst', 'formula_images/',
+                 'im2latex_formulas.norm.lst', 'formulas.lst + {train,validate,test}.lst, images in images/',
+                 'formulas.norm.lst'):
+        assert name in err, name
+    assert 'It holds: labels.lst, pics' in err
+    assert not os.path.exists(tmp_path / 'r')
+
+
 def test_clean_formula():
     assert proc.clean_formula('  a\r+\tb \u00a0 c\r') == 'a + b c'
     assert proc.clean_formula('a\\ ') == 'a\\ '      # control space kept
