@@ -1,5 +1,7 @@
 """train.py: schedules, mean-teacher pieces, and short real runs on CPU (overfit, resume, NaN skip,
---init_from vocab extension, --split_batch, --mean_teacher, 2-process torchrun)."""
+--init_from vocab extension, --split_batch, --mean_teacher, 2-process torchrun), and the faults of long
+runs (SIGKILL with --save_every, resume from args.json, a lost torchrun worker, uneven validation, a
+full disk, a file that is not a checkpoint)."""
 import errno
 import io
 import json
