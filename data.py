@@ -61,6 +61,7 @@ def atomic_write(path, writer):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    # the temp name's pattern is also atomic_write_leftovers'
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
     os.close(fd)
     try:
@@ -71,6 +72,18 @@ def atomic_write(path, writer):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_leftovers(path):
+    """The temp files that atomic_write(path, ...) calls left behind when their process was killed
+    (SIGKILL allows no clean-up). Only safe to remove while nothing writes `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = '.' + os.path.basename(path) + '.'
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return [os.path.join(folder, n) for n in sorted(names) if n.startswith(prefix) and n.endswith('.tmp')]
 
 
 class Problems:
@@ -1153,9 +1166,13 @@ class BucketBatchSampler:
 
     set_epoch(epoch, skip_batches) selects the epoch; skip_batches drops the first batches of this
     rank's list (a run resumed mid-epoch continues with the same order). len() is the full number of
-    batches per rank per epoch, the same on every rank and every epoch."""
+    batches per rank per epoch, the same on every rank and every epoch.
 
-    def __init__(self, sizes, batch_size, shuffle=True, seed=0, num_replicas=1, rank=0):
+    equal_shards=False (evaluation: no rank waits for another inside a step) cuts the batches as for one
+    process and deals them out the same way, so the ranks may get different numbers of batches (some
+    none at all); len() is this rank's count."""
+
+    def __init__(self, sizes, batch_size, shuffle=True, seed=0, num_replicas=1, rank=0, equal_shards=True):
         if not 0 <= rank < num_replicas:
             raise ValueError(f'rank {rank} not in [0, {num_replicas})')
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
@@ -1163,8 +1180,10 @@ class BucketBatchSampler:
         self.epoch, self.skip_batches = 0, 0
         self.n = len(sizes)
         self._groups = self._make_groups([tuple(int(v) for v in s) for s in sizes])
-        self._plan = _plan_batches([len(g) for g in self._groups], self.batch_size, self.num_replicas)
-        self._len = sum(len(p) for p in self._plan) // self.num_replicas
+        replicas = self.num_replicas if equal_shards else 1
+        self._plan = _plan_batches([len(g) for g in self._groups], self.batch_size, replicas)
+        total = sum(len(p) for p in self._plan)
+        self._len = len(range(self.rank, total, self.num_replicas))
 
     def _make_groups(self, sizes):
         by_size = {}
@@ -1267,12 +1286,14 @@ class _SeededBatches:
 
 
 def make_loader(dataset, batch_size, split_batch=False, shuffle=True, seed=0, num_replicas=1, rank=0,
-                workers=0, pin_memory=False):
+                workers=0, pin_memory=False, equal_shards=True):
     """-> (DataLoader, sampler). Each loader batch is collate's list of same-size micro-batches.
     Call sampler.set_epoch(epoch[, skip_batches]) before each epoch. With workers > 0 the workers stay
-    alive between epochs (persistent_workers) and prefetch 4 batches each."""
+    alive between epochs (persistent_workers) and prefetch 4 batches each. equal_shards: every rank the
+    same number of batches (training under DDP); False for evaluation (see BucketBatchSampler)."""
     cls = SplitBatchSampler if split_batch else BucketBatchSampler
-    sampler = cls(dataset.sizes, batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
+    sampler = cls(dataset.sizes, batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank,
+                  equal_shards=equal_shards)
     kw = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
     # a private generator: creating an iterator then draws its worker base seed from it, not from the
     # global RNG, so dropout masks are the same whether a run was resumed or not

@@ -23,6 +23,9 @@ Metrics (metrics.py; definitions in docs/formats.md), on token sequences:
     image match          (--render_eval) Deng's image exact match and column edit accuracy, rendered with
                          pdflatex when installed (--renderer), else mathtext
 
+Under `torchrun --nproc_per_node N test.py ...` each process decodes its share of the split (the shares
+may differ in size) and rank 0 gathers them, prints and writes the files; --image runs on rank 0 alone.
+
 Transcription (--image) prints `path<TAB>latex` per image to stdout, in input order; an image that
 cannot be read prints `path<TAB>ERROR: reason` in its place (a model output is space-joined tokens,
 so it never starts with 'ERROR:'), and the exit code is 1 if any image failed.
@@ -50,8 +53,8 @@ import data
 from checkpoint import load_model
 from metrics import METRIC_NAMES, compute_metrics, edit_distances, format_metrics
 from transformer import LENGTH_PENALTY, MAX_DECODE_LEN, decode_batch, decode_dataset, model_max_len
-from utils import (amp_context, crop_to_ink, eval_mode, info, pick_amp, pick_device, png_bytes, write_json,
-                   write_text)
+from utils import (amp_context, crop_to_ink, eval_mode, gather_lists, info, init_distributed, pick_amp, pick_device,
+                   png_bytes, write_json, write_text)
 
 # -----------------------------------------------------------------------------
 # defaults of the flags below
@@ -426,9 +429,9 @@ def default_weights(args):
     return args.weights or os.path.join(args.out_dir, args.test_on, 'best.pt')
 
 
-def build_loader(args, vocab, device, problems, train_on=None):
-    """-> (data set, loader, overlap dict for the metrics JSON). With --exclude_overlap the data set
-    holds only the formulas not in train."""
+def build_loader(args, vocab, device, problems, train_on=None, rank=0, world=1):
+    """-> (data set, a loader over this process's share of it (all of it without torchrun), overlap dict
+    for the metrics JSON). With --exclude_overlap the data set holds only the formulas not in train."""
     try:
         ds = data.FormulaDataset(args.root_dir, args.test_on, args.split, vocab=vocab, cache=args.cache,
                                  problems=problems)
@@ -450,7 +453,8 @@ def build_loader(args, vocab, device, problems, train_on=None):
             raise SystemExit(f'error: every formula of {args.test_on}/{args.split} also occurs in train: '
                              'nothing left to score with --exclude_overlap')
     loader, _ = data.make_loader(ds, args.batchsz, shuffle=False, workers=args.workers,
-                                 pin_memory=device.type == 'cuda')
+                                 pin_memory=device.type == 'cuda', num_replicas=world, rank=rank,
+                                 equal_shards=False)
     return ds, loader, overlap
 
 
@@ -480,19 +484,25 @@ def device_name(device):
 
 
 def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights, problems=None, ckpt_meta=None,
-             overlap=None):
-    """Decode the split, compute the metrics, print the table, write the TSV + JSON (+ report). -> metrics dict.
+             overlap=None, rank=0, world=1):
+    """Decode the split (this rank's share; rank 0 gathers the others'), compute the metrics, print the
+    table, write the TSV + JSON (+ report). -> metrics dict (None on the other ranks).
     overlap: build_loader's counts of formulas also in train, copied into the JSON."""
     ds = loader.dataset
     overlap = overlap or {}
     decoding = 'greedy' if args.beam == 1 else f'beam {args.beam}'
-    info(f'{args.test_on}/{args.split}: {len(ds)} formulas' + (' not in train' if args.exclude_overlap else '')
-         + f', {checkpoint} ({weights} weights), {decoding}, '
-         f'max_len {args.max_len}, {device}' + (f', autocast {amp_dtype}' if amp_dtype else ''))
+    if rank == 0:
+        info(f'{args.test_on}/{args.split}: {len(ds)} formulas' + (' not in train' if args.exclude_overlap else '')
+             + f', {checkpoint} ({weights} weights), {decoding}, '
+             f'max_len {args.max_len}, {device}' + (f', autocast {amp_dtype}' if amp_dtype else ''))
     t0 = time.perf_counter()
     records = decode_dataset(model, loader, vocab, beam=args.beam, max_len=args.max_len, amp_dtype=amp_dtype,
-                             device=device, length_penalty=args.length_penalty, desc=f'{args.test_on}/{args.split}')
+                             device=device, length_penalty=args.length_penalty, desc=f'{args.test_on}/{args.split}',
+                             progress=rank == 0)
+    records = sorted(gather_lists(records, world), key=lambda r: r.index)
     elapsed = time.perf_counter() - t0
+    if rank != 0:
+        return None
     golds = [r.gold for r in records]
     preds = [r.pred for r in records]
     metrics = compute_metrics(golds, preds)
@@ -588,7 +598,8 @@ def main(argv=None):
     args = get_args(argv)
     if args.score:
         return score_file(args.score)
-    device = pick_device(args.device)
+    rank, world, local_rank = init_distributed(args.device)
+    device = pick_device(args.device, local_rank)
     if args.workers < 0:
         args.workers = 4 if device.type == 'cuda' else 0
     amp_dtype = pick_amp(args, device)
@@ -601,7 +612,7 @@ def main(argv=None):
              f'decoding at most {model_max_len(model)} tokens')
         args.max_len = model_max_len(model)
     if args.image is not None:
-        return transcribe(args, model, vocab, device, amp_dtype)
+        return transcribe(args, model, vocab, device, amp_dtype) if rank == 0 else 0
 
     if args.render_eval or args.report:   # the one renderer choice (render.resolve_renderer), before decoding
         import render
@@ -611,10 +622,13 @@ def main(argv=None):
             raise SystemExit(f'error: --renderer latex: {e}') from None
     if ckpt.get('train_on') and ckpt['train_on'] != args.test_on:
         info(f'note: the checkpoint was trained on {ckpt["train_on"]}, evaluating on {args.test_on}')
-    problems = data.Problems()
-    _, loader, overlap = build_loader(args, vocab, device, problems, ckpt.get('train_on'))
+    problems = data.Problems(quiet=rank != 0)
+    _, loader, overlap = build_loader(args, vocab, device, problems, ckpt.get('train_on'), rank, world)
     meta = {k: ckpt[k] for k in ('train_on', 'epoch', 'step', 'best_metric') if k in ckpt}
-    evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights, problems, meta, overlap)
+    evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights, problems, meta, overlap,
+             rank, world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 

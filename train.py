@@ -4,8 +4,10 @@
     python3 train.py --train_on math --init_from runs/openai/best.pt --mean_teacher
     torchrun --nproc_per_node 2 train.py --fp16 ...    # data-parallel (DDP); only rank 0 logs and saves
 
-Outputs go to <out_dir>/<train_on>/: last.pt (every epoch and on Ctrl-C), best.pt (best validation
-BLEU-4; the teacher's when --mean_teacher), args.json, tb/ (TensorBoard).
+Outputs go to <out_dir>/<train_on>/: last.pt (every --save_every steps or minutes, every epoch, and on
+Ctrl-C / SIGTERM), best.pt (best validation BLEU-4; the teacher's when --mean_teacher), args.json,
+history.jsonl, tb/ (TensorBoard). --resume continues last.pt with the run's saved settings, and under
+`torchrun --max-restarts N ... --resume` a lost worker costs only the steps since the last checkpoint.
 
 Reading order: defaults; the pieces (losses, learning-rate schedule, mean-teacher EMA, distributed
 helpers, the checkpoint dict); the Trainer (one optimizer step, one epoch, validation, saving); then
@@ -33,7 +35,7 @@ import checkpoint
 import data
 import transformer
 from metrics import compute_metrics
-from utils import amp_context, eval_mode, pick_amp, pick_device, write_json
+from utils import amp_context, eval_mode, gather_lists, init_distributed, pick_amp, pick_device, write_json
 
 # -----------------------------------------------------------------------------
 # defaults (every one is a flag below)
@@ -50,6 +52,7 @@ RAMPUP = 5.0            # epochs of the sigmoid-shaped ramp-up
 MAX_LEN = 150           # longest formula (tokens) trained on / decoded
 WARMUP = 0              # steps of linear lr warm-up (on top of the schedule)
 CTC_FRAMES = 4          # frames per image column of the auxiliary CTC head (with --ctc > 0)
+SAVE_EVERY = '10m'      # last.pt at the first step boundary after 10 minutes of training: the work at risk
 
 
 # -----------------------------------------------------------------------------
@@ -257,18 +260,6 @@ def make_teacher(model, state=None):
 # -----------------------------------------------------------------------------
 # distributed helpers (torchrun / DDP) and a graceful Ctrl-C
 
-def setup_distributed(args):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process."""
-    if 'RANK' not in os.environ:
-        return 0, 1, None
-    import torch.distributed as dist
-    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    use_cuda = args.device != 'cpu' and torch.cuda.is_available()
-    dist.init_process_group('nccl' if use_cuda else 'gloo')
-    return rank, world, local_rank
-
-
 def barrier():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -279,13 +270,18 @@ def _dist_device():
         if torch.distributed.get_backend() == 'nccl' else torch.device('cpu')
 
 
+def agree(flags, world):
+    """For each flag: True if it is true on any rank (one all-reduce of them all when world > 1)."""
+    if world == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=_dist_device())
+    torch.distributed.all_reduce(t)
+    return [v > 0 for v in t.tolist()]
+
+
 def any_rank(flag, world):
     """True if `flag` is true on any rank (one all-reduce when world > 1)."""
-    if world > 1:
-        t = torch.tensor([float(flag)], device=_dist_device())
-        torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
-    return bool(flag)
+    return agree([flag], world)[0]
 
 
 def all_ranks_have_data(micro, world):
@@ -307,7 +303,7 @@ class StopRequested(Exception):
 class GracefulStop:
     """Ctrl-C (SIGINT) or SIGTERM sets a flag that the training loop reads between optimizer steps, so
     last.pt is always written at a step boundary and --resume continues exactly. A second Ctrl-C stops
-    at once. Under DDP the ranks agree (all_reduce) so that all of them stop after the same step."""
+    at once. Under DDP the ranks agree (Trainer.after_step) so that all of them stop after the same step."""
 
     def __init__(self):
         self.requested = False
@@ -328,18 +324,14 @@ class GracefulStop:
         self.requested = True
         print('\nstopping after this step (again to stop at once)', file=sys.stderr)
 
-    def check(self, world):
-        """Raise StopRequested when a stop was asked for (on any rank)."""
-        if any_rank(self.requested, world):
-            raise StopRequested
-
 
 # -----------------------------------------------------------------------------
 # the checkpoint dict: what a resume or an evaluation needs, as state_dicts and plain values
 
-def checkpoint_dict(run):
+def checkpoint_dict(run, rngs):
     """The Trainer `run`'s checkpoint: weights, optimizer and schedule state, counters, vocab, model
-    hyperparameters, arguments and RNG states; tensors and plain values only, never whole models."""
+    hyperparameters, arguments and RNG states (`rngs`: every rank's, from gather_rng); tensors and plain
+    values only, never whole models."""
     model, state = unwrap(run.model), run.state
     return {
         'format_version': checkpoint.FORMAT_VERSION,
@@ -351,7 +343,7 @@ def checkpoint_dict(run):
         'epoch': state['epoch'], 'step': state['step'], 'batch_in_epoch': state['batch_in_epoch'],
         'best_metric': state['best_metric'], 'skipped_steps': state['skipped_steps'],
         'vocab': run.vocab.itos, 'hparams': model.hparams, 'args': vars(run.args),
-        'train_on': run.args.train_on, 'rng': rng_state(),
+        'train_on': run.args.train_on, 'rng': rngs[0], 'rng_ranks': rngs if len(rngs) > 1 else None,
     }
 
 
@@ -369,13 +361,34 @@ def restore(run, ckpt):
     if {'gamma', 'total_steps'} & set(ckpt.get('scheduler') or {}):
         run.log(f'(converted the older checkpoint\'s {"Adam per-epoch" if run.args.Adam else "OneCycle"} '
                 f'scheduler state to the per-step schedule at step {run.state["step"]})')
+    ranks = ckpt.get('rng_ranks') or [ckpt['rng']]
+    if len(ranks) == run.world:
+        set_rng_state(ranks[run.rank])          # each process continues its own random streams
+        return
     set_rng_state(ckpt['rng'])
+    if len(ranks) > 1:
+        run.log(f'(the checkpoint was written by {len(ranks)} processes, this run has {run.world}: its data '
+                'shards and random streams differ from those of an uninterrupted run)')
+    else:
+        run.log('(the checkpoint holds the random states of one process; every process starts from them, so '
+                'dropout and drop-connect differ from those of an uninterrupted run)')
 
 
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def gather_rng(world):
+    """Every rank's RNG states, in rank order (one all_gather when world > 1): a checkpoint holds all of
+    them, so that each process of a resumed DDP run continues its own dropout / drop-connect streams."""
+    state = rng_state()
+    if world == 1:
+        return [state]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, state)
+    return states
 
 
 def rng_state():
@@ -431,6 +444,13 @@ class Trainer:
     writer: Any = None
     state: dict = dataclasses.field(default_factory=new_counters)
     started: float = dataclasses.field(default_factory=time.time)    # for --max_minutes and the history
+    last_save: float = dataclasses.field(default_factory=time.time)  # for --save_every in minutes
+
+    def n_epochs(self):
+        """Epochs of the run: --epochs, or enough for --max_steps (the last one may be partial)."""
+        if self.args.max_steps:
+            return math.ceil(self.args.max_steps / max(1, self.steps_per_epoch))
+        return self.args.epochs
 
     # ---- one optimizer step
 
@@ -547,7 +567,7 @@ class Trainer:
             self.teacher.train()       # teacher noise (dropout, BN batch statistics) as in the reference
         d.train_sampler.set_epoch(state['epoch'], skip_batches=state['batch_in_epoch'])
         pbar = tqdm(d.train_loader, total=self.steps_per_epoch, initial=state['batch_in_epoch'],
-                    disable=self.rank != 0, desc=f'epoch {state["epoch"] + 1}/{args.epochs}',
+                    disable=self.rank != 0, desc=f'epoch {state["epoch"] + 1}/{self.n_epochs()}',
                     dynamic_ncols=True, leave=False)
         ce_sum, n_tok, seen, t0 = 0.0, 0, 0, time.time()
         for micro in pbar:
@@ -560,9 +580,24 @@ class Trainer:
             self.log_step(out, pbar, seen / max(1e-9, time.time() - t0))
             if args.dry_run and state['batch_in_epoch'] >= 2 or self.budget_spent():
                 break
-            stop.check(self.world)
+            self.after_step(stop)
         pbar.close()
         return ce_sum / max(1, n_tok)
+
+    def after_step(self, stop):
+        """At a step boundary inside the epoch (every rank): raise StopRequested on a stop request (any
+        rank's), or write last.pt when --save_every is due. The last step of an epoch is left to the
+        epoch-end save, after validation."""
+        steps, seconds = save_interval(self.args.save_every)
+        late = bool(seconds) and time.time() - self.last_save >= seconds
+        stop_now, late = agree([stop.requested, late], self.world)     # one all-reduce for both
+        if stop_now:
+            raise StopRequested
+        due = late or bool(steps) and self.state['step'] % steps == 0
+        if due and self.state['batch_in_epoch'] < self.steps_per_epoch:
+            path = self.save('last.pt')
+            if path:
+                self.log(f'  saved {path} at step {self.state["step"]}')
 
     def budget_spent(self):
         """--max_steps reached, or --max_minutes of this process's training passed (agreed by all ranks)."""
@@ -602,26 +637,34 @@ class Trainer:
     # ---- validation, saving, the epoch loop
 
     def validate(self, loader):
-        """Greedy-decode this rank's shard of the val split with the teacher (--mean_teacher) or the
-        model; the metrics over all ranks. -> (metrics, records sorted by index)."""
+        """Greedy-decode this rank's shard of the val split (the shards may differ in size) with the
+        teacher (--mean_teacher) or the model; the metrics over all ranks. -> (metrics, records sorted by
+        index)."""
         evaluated = self.teacher if self.teacher is not None else unwrap(self.model)
         records = transformer.decode_dataset(evaluated, loader, self.vocab, beam=1, max_len=self.args.max_len,
                                              amp_dtype=self.amp_dtype, device=self.device, progress=False)
-        if self.world > 1:
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
+        records = gather_lists(records, self.world)
         records.sort(key=lambda r: r['index'])
         golds = [r['gold'] for r in records]
         preds = [r['pred'] for r in records]
         return compute_metrics(golds, preds), records
 
     def save(self, *names):
-        """Write the checkpoint to each of run_dir/<name>. -> the first path."""
-        ckpt = checkpoint_dict(self)
+        """Every rank (their RNG states are gathered): rank 0 writes the checkpoint to each run_dir/<name>.
+        A failed write (a full disk) is said, leaves the previous file as it was and lets training go on.
+        -> the first path, or None (not rank 0, --dry_run, or the write failed)."""
+        rngs = gather_rng(self.world)
+        self.last_save = time.time()
+        if self.rank != 0 or self.args.dry_run:
+            return None
+        ckpt = checkpoint_dict(self, rngs)
         paths = [os.path.join(self.run_dir, name) for name in names]
-        for path in paths:
-            checkpoint.save(path, ckpt)
+        try:
+            for path in paths:
+                checkpoint.save(path, ckpt)
+        except OSError as e:        # checkpoint.save's message names the file and says it is unchanged
+            self.log(f'warning: {e}')
+            return None
         return paths[0]
 
     def end_epoch(self, train_loss, metrics, records, val_set, seconds):
@@ -634,10 +677,11 @@ class Trainer:
         best = metrics['bleu4'] > state['best_metric']
         if best:
             state['best_metric'] = metrics['bleu4']
+        path = self.save('last.pt', 'best.pt') if best else self.save('last.pt')
         if self.rank != 0:
             return
         who = 'teacher ' if self.teacher is not None else ''
-        self.log(f'epoch {state["epoch"]}/{self.args.epochs} | train loss {train_loss:.4f} | {who}val '
+        self.log(f'epoch {state["epoch"]}/{self.n_epochs()} | train loss {train_loss:.4f} | {who}val '
                  f'bleu4 {metrics["bleu4"]:.2f} edit_acc {metrics["edit_accuracy"]:.4f} '
                  f'exact {metrics["exact_match"]:.4f} | {seconds:.0f} s'
                  + (f' | skipped steps {state["skipped_steps"]}' if state['skipped_steps'] else ''))
@@ -647,20 +691,19 @@ class Trainer:
                 self.writer.add_scalar(f'val/{k}', v, state['step'])
             log_val_samples(self.writer, val_set, records, state['step'])
             self.writer.flush()
-        if not self.args.dry_run:
-            path = self.save('last.pt', 'best.pt') if best else self.save('last.pt')
+        if path:
             self.log(f'  saved {path}' + (' and best.pt' if best else ''))
 
     def fit(self, d, stop):
         """The epoch loop over TrainData `d`: train, validate, save; on a stop request save last.pt
         (rank 0) and raise StopRequested. -> state."""
-        while self.state['epoch'] < self.args.epochs:
+        while self.state['epoch'] < self.n_epochs():
             t0 = time.time()
             try:
                 train_loss = self.train_epoch(d, stop)
             except StopRequested:
-                if self.rank == 0 and not self.args.dry_run:
-                    path = self.save('last.pt')
+                path = self.save('last.pt')
+                if path:
                     self.log(f'interrupted: saved {path} at step {self.state["step"]}; continue with --resume')
                 raise
             metrics, records = self.validate(d.val_loader)
@@ -669,16 +712,19 @@ class Trainer:
                 break
         return self.state
 
-    def open_logs(self, d, init_note=''):
-        """Rank 0: the run folder, args.json, TensorBoard, and what this run is in a few lines."""
+    def open_logs(self, d, init_note='', resumed=False):
+        """Rank 0: the run folder, args.json, history.jsonl (a new one, or up to the checkpoint when
+        `resumed`), TensorBoard, and what this run is in a few lines."""
         if self.rank != 0:
             return
         args = self.args
         os.makedirs(self.run_dir, exist_ok=True)
         if not args.dry_run:
             write_json(os.path.join(self.run_dir, 'args.json'), vars(args))
-            if not args.resume and os.path.exists(os.path.join(self.run_dir, 'history.jsonl')):
-                os.remove(os.path.join(self.run_dir, 'history.jsonl'))   # a new run, a new history
+            trim_history(os.path.join(self.run_dir, 'history.jsonl'), self.state if resumed else None)
+            for name in ('last.pt', 'best.pt'):     # temp files of writes cut short by a kill
+                for tmp in data.atomic_write_leftovers(os.path.join(self.run_dir, name)):
+                    os.remove(tmp)
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(os.path.join(self.run_dir, 'tb'))
         n_params = sum(p.numel() for p in unwrap(self.model).parameters())
@@ -702,6 +748,31 @@ class Trainer:
             torch.distributed.destroy_process_group()
 
 
+def trim_history(path, state):
+    """history.jsonl of a resumed run: keep the rows up to the checkpoint's `state` (the steps after it
+    are trained again and logged again); state None (a new run): remove the file."""
+    if not os.path.exists(path):
+        return
+    if state is None:
+        os.remove(path)
+        return
+    with open(path, encoding='utf-8') as f:
+        rows = [line for line in f if line.strip()]
+    keep = []
+    for line in rows:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue                        # a line cut short by a kill
+        if row.get('step', 0) <= state['step'] and ('val' not in row or row.get('epoch', 0) <= state['epoch']):
+            keep.append(line if line.endswith('\n') else line + '\n')
+
+    def writer(tmp):
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.writelines(keep)
+    data.atomic_write(path, writer)
+
+
 def log_val_samples(writer, dataset, records, step, n=4):
     for r in records[:n]:
         img = dataset[r['index']]['image']                                # (1, H, W), ink = 1
@@ -713,7 +784,7 @@ def log_val_samples(writer, dataset, records, step, n=4):
 # -----------------------------------------------------------------------------
 # command line and main: build the data, build or restore the model, run the loop
 
-def get_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('data')
@@ -787,7 +858,14 @@ def get_args(argv=None):
     g.add_argument('--init_weights', default='auto', choices=('auto', 'model', 'teacher'),
                    help='which weights of --init_from (auto: the teacher if it has one)')
     g.add_argument('--resume', action='store_true',
-                   help='continue from <out_dir>/<train_on>/last.pt with its saved arguments')
+                   help='continue the run in <out_dir>/<train_on>/ with its saved settings: from last.pt, or from '
+                        'step 0 with args.json when it was stopped before its first checkpoint; a new run when '
+                        'the folder holds neither. Only the flags that say how to run (' + ', '.join(
+                            '--' + k for k in RUNTIME_ARGS if k != 'resume') + ') may take new values; any other '
+                        'flag given must equal the run\'s, or the resume is refused')
+    g.add_argument('--save_every', default=SAVE_EVERY, type=save_every_flag, metavar='N|Mm',
+                   help='also write last.pt inside an epoch, at the step boundary after every N optimizer steps '
+                        '(e.g. 500) or M minutes of training (e.g. 10m, 0.5m); 0: only at epoch ends and on a stop')
     g.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     prec = g.add_mutually_exclusive_group()
     prec.add_argument('--fp16', action='store_true', help='CUDA autocast fp16 + GradScaler')
@@ -801,6 +879,11 @@ def get_args(argv=None):
     g.add_argument('--log_every', type=int, default=10, help='TensorBoard scalars every N steps')
     g.add_argument('--dry_run', action='store_true',
                    help='two training steps and a short validation, nothing saved')
+    return p
+
+
+def get_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     if args.unlabeled and not args.mean_teacher:
         p.error('--unlabeled needs --mean_teacher (unlabeled images only enter the consistency cost)')
@@ -813,26 +896,89 @@ def get_args(argv=None):
     return args
 
 
-# resume restores the saved arguments except these, which only say how to run
-RUNTIME_ARGS = ('resume', 'workers', 'device', 'cache', 'log_every', 'dry_run')
+def given_flags(argv=None):
+    """The names (dests) of the flags that `argv` (default: the command line) gives explicitly."""
+    p, unset = make_parser(), object()
+    # argparse fills in a default only where the namespace has no value yet
+    ns = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])), unset)))
+    return {k for k, v in vars(ns).items() if v is not unset}
 
 
-def resume_args(args, log):
-    """--resume: -> (the saved arguments with this call's RUNTIME_ARGS, last.pt's dict); else (args, None)."""
-    last_path = os.path.join(args.out_dir, args.train_on, 'last.pt')
+def save_interval(text):
+    """--save_every's value -> (steps, seconds), one of them 0: '500' -> (500, 0), '10m' -> (0, 600.0),
+    '0' -> (0, 0) (off). ValueError for anything else."""
+    text = str(text).strip().lower()
+    value = float(text[:-1]) if text.endswith('m') else int(text)
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f'--save_every must be >= 0, got {text}')
+    return (0, 60.0 * value) if text.endswith('m') else (value, 0)
+
+
+def save_every_flag(text):
+    """argparse type of --save_every: the text, checked."""
+    try:
+        save_interval(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected a number of steps (500) or of minutes (10m)')
+    return text
+
+
+# the flags that only say how to run: a resume may give them new values; every other setting is the run's
+RUNTIME_ARGS = ('resume', 'root_dir', 'cache', 'workers', 'device', 'channels_last', 'compile', 'log_every',
+                'max_minutes', 'save_every', 'dry_run')
+
+
+def saved_settings(run_dir):
+    """The settings of the run in run_dir -> (arguments dict, where they come from, last.pt's dict or None):
+    last.pt's, else args.json's (a run stopped before its first checkpoint); (None, None, None) for none."""
+    last_path, json_path = os.path.join(run_dir, 'last.pt'), os.path.join(run_dir, 'args.json')
+    if os.path.exists(last_path):
+        try:
+            ckpt = checkpoint.load(last_path)
+        except ValueError as e:
+            sys.exit(f'--resume: {e}. Move it away to restart the run from step 0 with its args.json, or '
+                     f'start a new run with another --out_dir')
+        return ckpt['args'], last_path, ckpt
+    if os.path.exists(json_path):
+        try:
+            with open(json_path, encoding='utf-8') as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            sys.exit(f'--resume: cannot read {json_path} ({e}); start a new run with another --out_dir')
+        return saved, json_path, None
+    return None, None, None
+
+
+def resume_args(args, given, log):
+    """--resume: -> (the run's saved arguments, with the values this command line gives to RUNTIME_ARGS,
+    last.pt's dict or None); exits when a flag in `given` (given_flags) differs from the run's other than
+    a RUNTIME_ARG. A folder without a run: a new run. Without --resume: (args, None)."""
     if not args.resume:
         return args, None
-    if not os.path.exists(last_path):
-        log(f'--resume: no {last_path} yet, starting a new run')
+    run_dir = os.path.join(args.out_dir, args.train_on)
+    saved, source, ckpt = saved_settings(run_dir)
+    if saved is None:
+        log(f'--resume: no run in {run_dir} yet (no last.pt, no args.json): starting a new run')
         return args, None
-    try:
-        ckpt = checkpoint.load(last_path)
-    except ValueError as e:
-        sys.exit(f'--resume: {e}')
-    merged = vars(args).copy()      # flags added since the checkpoint keep their defaults
-    merged.update({k: v for k, v in ckpt['args'].items() if k not in RUNTIME_ARGS})
-    log(f'resuming {last_path}: epoch {ckpt["epoch"]}, step {ckpt["step"]} (saved arguments restored)')
+    differ = [k for k in sorted(given) if k not in RUNTIME_ARGS and k in saved and saved[k] != getattr(args, k)]
+    if differ:
+        sys.exit('--resume: ' + '; '.join(f'--{k} {getattr(args, k)} differs from the run\'s {saved[k]}'
+                                          for k in differ)
+                 + f' ({source}). A resume keeps the run\'s settings: drop these flags, or start a new run '
+                   'with another --out_dir')
+    merged = vars(args).copy()      # flags added since the run was started keep this line's values
+    merged.update({k: v for k, v in saved.items() if not (k in RUNTIME_ARGS and k in given or k == 'resume')})
+    if ckpt is not None:
+        log(f'resuming {source}: epoch {ckpt["epoch"]}, step {ckpt["step"]} (the run\'s settings)')
+    else:
+        log(f'--resume: {run_dir} has no last.pt yet (the run stopped before its first checkpoint): '
+            f'starting it again from step 0 with the settings of {source}')
     return argparse.Namespace(**merged), ckpt
+
+
+def run_finished(args, ckpt):
+    """True when checkpoint `ckpt` ends the run of `args` (its --max_steps, else its --epochs)."""
+    return ckpt['step'] >= args.max_steps if args.max_steps else ckpt['epoch'] >= args.epochs
 
 
 def amp_settings(args, device, log):
@@ -896,7 +1042,7 @@ def build_data(args, device, rank, world, log):
               workers=args.workers if args.workers >= 0 else (4 if device.type == 'cuda' else 0))
     train_loader, train_sampler = data.make_loader(train_set, args.batchsz, split_batch=args.split_batch,
                                                    shuffle=True, seed=args.seed, **kw)
-    val_loader, _ = data.make_loader(val_set, args.batchsz, shuffle=False, **kw)
+    val_loader, _ = data.make_loader(val_set, args.batchsz, shuffle=False, equal_shards=False, **kw)
     unlabeled = None
     if args.unlabeled:
         u_set = data.UnlabeledDataset(args.unlabeled, augment=aug, views=2, problems=problems)
@@ -990,22 +1136,20 @@ def build_trainer(args, model, teacher, vocab, device, amp_dtype, d, rank, world
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, local_rank = setup_distributed(args)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    device = pick_device(args.device, local_rank)
-    args, ckpt = resume_args(args, log)
-    if ckpt is not None and ckpt['epoch'] >= args.epochs:
-        log(f'that run already finished its {args.epochs} epochs; nothing to do')
+    log = print if int(os.environ.get('RANK', 0)) == 0 else (lambda *a, **k: None)   # rank 0 logs
+    args, ckpt = resume_args(args, given_flags(argv), log)
+    if ckpt is not None and run_finished(args, ckpt):
+        log(f'that run already finished (epoch {ckpt["epoch"]}, step {ckpt["step"]}); nothing to do')
         return ckpt
+    rank, world, local_rank = init_distributed(args.device)
+    device = pick_device(args.device, local_rank)
     amp_dtype = prepare(args, device, rank, log)
     d = build_data(args, device, rank, world, log)
-    if args.max_steps:
-        args.epochs = math.ceil(args.max_steps / d.steps_per_epoch)
     model, teacher, vocab, init_note = build_model(args, ckpt, d, device)
     run = build_trainer(args, model, teacher, vocab, device, amp_dtype, d, rank, world, log)
     if ckpt is not None:
         restore(run, ckpt)
-    run.open_logs(d, init_note)
+    run.open_logs(d, init_note, resumed=ckpt is not None)
     try:
         with GracefulStop() as stop:
             run.fit(d, stop)

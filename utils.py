@@ -1,5 +1,5 @@
-"""Small helpers that several scripts share: messages, device and precision, eval mode, atomic JSON and
-PNG files, cropping to the ink, and the number of worker processes.
+"""Small helpers that several scripts share: messages, device and precision, joining a torchrun process
+group, eval mode, atomic JSON and PNG files, cropping to the ink, and the number of worker processes.
 
 Nothing here knows about formulas or the model; data.py holds the lower-level file helpers
 (atomic_write, load_gray) and this module builds on them.
@@ -44,6 +44,40 @@ def pick_device(name, local_rank=None):
         elif dev.index is None:
             dev = torch.device('cuda', 0)
     return dev
+
+
+def init_distributed(device='auto'):
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the process group, NCCL when `device` is
+    CUDA, else gloo. -> (rank, world size, local rank); (0, 1, None) for a plain single process."""
+    if 'RANK' not in os.environ:
+        return 0, 1, None
+    import torch.distributed as dist
+    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    use_cuda = device != 'cpu' and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    backend = 'nccl' if use_cuda else 'gloo'
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        # torchrun shares its store with the workers for the whole job; a group restarted by
+        # --max-restarts would read the lost group's addresses from it and fail to connect (torch 2.14):
+        # each attempt uses keys of its own
+        store, _, _ = next(dist.rendezvous('env://'))
+        attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+        dist.init_process_group(backend, store=dist.PrefixStore(f'attempt_{attempt}', store), rank=rank,
+                                world_size=world)
+    else:
+        dist.init_process_group(backend)
+    return rank, world, local_rank
+
+
+def gather_lists(items, world):
+    """Every rank's list `items` concatenated in rank order (one all_gather_object when world > 1)."""
+    if world == 1:
+        return list(items)
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
 
 
 def _cpu_has_native_bf16():

@@ -648,6 +648,18 @@ def test_sampler_split_rule_and_no_shuffle():
     assert sorted(i for sh in shards for b in sh for i in b) == list(range(13))
 
 
+def test_sampler_unequal_shards_for_evaluation():
+    sizes = [(1, k) for k in range(1, 6)]                           # 5 images of 5 sizes: no equal split
+    with pytest.raises(ValueError, match='cannot be split'):
+        data.BucketBatchSampler(sizes, 4, shuffle=False, num_replicas=2, rank=0)
+    for R in (2, 3, 7):                                             # 7 processes: two get nothing
+        shards = [data.BucketBatchSampler(sizes, 4, shuffle=False, num_replicas=R, rank=r, equal_shards=False)
+                  for r in range(R)]
+        assert [len(s) for s in shards] == [len(list(s)) for s in shards]
+        assert [len(s) for s in shards] == [len(range(r, 5, R)) for r in range(R)]
+        assert sorted(i for s in shards for b in s for i in b) == list(range(5))
+
+
 def test_sampler_errors():
     with pytest.raises(ValueError, match='3 images cannot be shared by 4'):
         data.BucketBatchSampler([(1, 1)] * 3, 2, num_replicas=4, rank=0)

@@ -1,5 +1,8 @@
 """train.py: schedules, mean-teacher pieces, and short real runs on CPU (overfit, resume, NaN skip,
---init_from vocab extension, --split_batch, --mean_teacher, 2-process torchrun)."""
+--init_from vocab extension, --split_batch, --mean_teacher, 2-process torchrun), and the faults of long
+runs (SIGKILL with --save_every, resume from args.json, a lost torchrun worker, uneven validation, a
+full disk, a file that is not a checkpoint)."""
+import errno
 import io
 import json
 import math
@@ -396,3 +399,168 @@ def test_torchrun_ctc_with_unlabeled_images(uniform_root, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ckpt = load(tmp_path / 'math' / 'last.pt')
     assert ckpt['step'] == 2 and ckpt['hparams']['ctc_frames'] > 0
+
+
+# -----------------------------------------------------------------------------
+# faults of long runs: SIGKILL, resume without a checkpoint, a lost torchrun worker, uneven validation,
+# a full disk, a file that is not a checkpoint
+
+FAULT = os.path.join(REPO, 'tests', 'fault_train.py')     # train.py that SIGKILLs itself after a step
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
+
+
+def launch(cmd, tmp_path, kill_step=None, kill_rank=0, timeout=600, threads=1):
+    """Run cmd (threads: OMP_NUM_THREADS; a run compared with one in this process needs the same count)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if kill_step is not None:
+        env.update(FAULT_KILL_STEP=str(kill_step), FAULT_KILL_RANK=str(kill_rank))
+    return subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def same_weights(a, b, keys=('model',)):
+    for key in keys:
+        assert a[key].keys() == b[key].keys()
+        for name, v in a[key].items():
+            assert torch.equal(v, b[key][name]), (key, name)
+
+
+def test_save_every_parses_steps_and_minutes():
+    assert train.save_interval('500') == (500, 0) and train.save_interval('0') == (0, 0)
+    assert train.save_interval('10m') == (0, 600.0) and train.save_interval('0.5m') == (0, 30.0)
+    assert train.get_args([]).save_every == train.SAVE_EVERY == '10m'
+    for bad in ('5x', '-3', 'm', '1.5'):
+        with pytest.raises(SystemExit):
+            train.get_args(['--save_every', bad])
+
+
+def test_sigkill_mid_epoch_loses_at_most_save_every_steps(uniform_root, tmp_path):
+    """SIGKILL right after step 5 of an epoch of 8 with --save_every 3: last.pt is the step-3 checkpoint;
+    --resume ends with the weights of an uninterrupted run, and the history holds each step once."""
+    common = ('--batchsz', '4', '--epochs', '1', '--val_max', '4', '--initlr', '0.05', '--save_every', '3')
+    run(uniform_root, tmp_path / 'a', *common)
+    full = load(tmp_path / 'a' / 'math' / 'last.pt')
+    assert full['step'] == 8
+
+    argv = ['--root_dir', uniform_root, '--train_on', 'math', '--out_dir', str(tmp_path / 'b')] + TINY + list(common)
+    res = launch([sys.executable, FAULT] + argv, tmp_path, kill_step=5, threads=torch.get_num_threads())
+    assert res.returncode == -signal.SIGKILL, res.stdout[-2000:] + res.stderr[-2000:]
+    assert 'saved' in res.stdout and 'at step 3' in res.stdout
+    part = checkpoint.load(tmp_path / 'b' / 'math' / 'last.pt')        # readable, at a step boundary
+    assert (part['epoch'], part['step'], part['batch_in_epoch']) == (0, 3, 3)
+    assert part['step'] >= 5 - 3
+    leftover = tmp_path / 'b' / 'math' / '.last.pt.x1y2.tmp'         # as from a kill during a write
+    leftover.write_bytes(b'partial')
+    run(uniform_root, tmp_path / 'b', '--resume')
+    assert not leftover.exists()
+    resumed = load(tmp_path / 'b' / 'math' / 'last.pt')
+    assert resumed['step'] == 8 and resumed['epoch'] == 1
+    same_weights(full, resumed)
+    assert resumed['best_metric'] == full['best_metric']
+    rows = [json.loads(x) for x in (tmp_path / 'b' / 'math' / 'history.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows if 'loss' in r] == list(range(1, 9))     # step 4 was logged, then trimmed
+    assert [r['epoch'] for r in rows if 'val' in r] == [1]
+
+
+def test_resume_before_the_first_checkpoint_keeps_the_runs_settings(uniform_root, tmp_path):
+    """A run killed before any checkpoint leaves args.json only; --resume restarts that run (Adam, batch 4)
+    instead of a default one, and refuses a conflicting experiment flag."""
+    out = tmp_path / 'o'
+    argv = (['--root_dir', uniform_root, '--train_on', 'math', '--out_dir', str(out)] + TINY
+            + ['--Adam', '--batchsz', '4', '--max_steps', '3', '--val_max', '4', '--save_every', '0'])
+    res = launch([sys.executable, FAULT] + argv, tmp_path, kill_step=2)
+    assert res.returncode == -signal.SIGKILL, res.stdout[-2000:] + res.stderr[-2000:]
+    assert sorted(p.name for p in (out / 'math').iterdir() if p.suffix in ('.pt', '.json')) == ['args.json']
+    with pytest.raises(SystemExit, match=r"--batchsz 8 differs from the run's 4 .*args\.json.*another --out_dir"):
+        run(uniform_root, out, '--resume', '--batchsz', '8')
+    state = run(uniform_root, out, '--resume', '--save_every', '5')     # how to run: may change
+    ckpt = load(out / 'math' / 'last.pt')
+    assert state['step'] == ckpt['step'] == 3
+    assert ckpt['epoch'] == 1                                            # 8 steps an epoch (batch 64: 1)
+    assert ckpt['args']['Adam'] and ckpt['args']['batchsz'] == 4 and ckpt['args']['save_every'] == '5'
+    assert 'exp_avg' in ckpt['optimizer']['state'][0]                   # Adam's state, not SGD's
+
+
+def test_torchrun_max_restarts_recovers_a_lost_worker(uniform_root, tmp_path):
+    """2 gloo processes, 4 steps an epoch, 2 epochs, --save_every 2; rank 1 is SIGKILLed after step 7.
+    torchrun restarts the group, which resumes the step-6 checkpoint by itself; exit 0 and the final
+    weights of an uninterrupted run. The first launch uses --resume on an empty folder (a new run)."""
+    common = ['--root_dir', uniform_root, '--train_on', 'math', '--batchsz', '4', '--epochs', '2', '--val_max', '4',
+              '--save_every', '2', '--resume'] + TINY
+    res = launch(TORCHRUN + [os.path.join(REPO, 'train.py'), '--out_dir', str(tmp_path / 'a')] + common, tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert 'starting a new run' in res.stdout
+    full = load(tmp_path / 'a' / 'math' / 'last.pt')
+    assert full['step'] == 8 and len(full['rng_ranks']) == 2
+
+    res = launch(TORCHRUN + ['--max-restarts', '1', FAULT, '--out_dir', str(tmp_path / 'b')] + common, tmp_path,
+                 kill_step=7, kill_rank=1)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert 'SIGKILL after step 7 (rank 1)' in res.stdout
+    assert 'resuming' in res.stdout and 'epoch 1, step 6' in res.stdout
+    resumed = load(tmp_path / 'b' / 'math' / 'last.pt')
+    assert resumed['step'] == 8
+    same_weights(full, resumed)
+
+
+def test_torchrun_validates_an_uneven_val_split(uniform_root, tmp_path):
+    """A val split of 5 images of 5 sizes cannot be cut into equal shares for 2 processes; validation
+    (and test.py) shard it unevenly and gather all 5."""
+    root = tmp_path / 'root'
+    shutil.copytree(uniform_root, root)
+    img_dir = root / 'adaptation_data' / 'math_images_resized'
+    lines = []
+    for i, (h, w) in enumerate([(32, 64), (32, 128), (48, 96), (48, 160), (64, 128)]):
+        Image.fromarray(np.full((h, w), 255, np.uint8)).save(img_dir / f'v{i}.png')
+        lines.append(f'v{i}.png\tx + {i}\n')
+    (root / 'adaptation_data' / 'math_labels' / 'val.txt').write_text(''.join(lines))
+    cmd = TORCHRUN + [os.path.join(REPO, 'train.py'), '--root_dir', str(root), '--train_on', 'math',
+                      '--out_dir', str(tmp_path), '--batchsz', '8', '--max_steps', '1'] + TINY
+    res = launch(cmd, tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / 'math' / 'history.jsonl').read_text().splitlines()]
+    assert [r['val']['n'] for r in rows if 'val' in r] == [5]
+    cmd = TORCHRUN + [os.path.join(REPO, 'test.py'), '--root_dir', str(root), '--test_on', 'math', '--split', 'val',
+                      '--out_dir', str(tmp_path), '--weights', str(tmp_path / 'math' / 'last.pt'), '--device', 'cpu',
+                      '--max_len', '8']
+    res = launch(cmd, tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count('wrote ') == 1                       # rank 0 writes
+    tsv = (tmp_path / 'math' / 'predictions_math_val.tsv').read_text().splitlines()
+    assert [line.split('\t')[0] for line in tsv] == [f'v{i}.png' for i in range(5)]
+    assert json.loads((tmp_path / 'math' / 'metrics_math_val.json').read_text())['n'] == 5
+
+
+def test_full_disk_keeps_the_previous_last_pt(uniform_root, tmp_path, monkeypatch, capsys):
+    """ENOSPC from the second checkpoint write on: the step-1 last.pt stays as it was, each failure is
+    said, and training goes on to its end."""
+    real_save, calls = torch.save, {'n': 0}
+
+    def disk_full_after_one(obj, f, *a, **k):
+        calls['n'] += 1
+        if calls['n'] > 1:
+            f.write(b'partial')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, 'save', disk_full_after_one)
+    state = run(uniform_root, tmp_path, '--batchsz', '8', '--max_steps', '3', '--val_max', '4', '--save_every', '1')
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert state['step'] == 3 and calls['n'] == 3                 # steps 1 and 2, then the end of the run
+    run_dir = tmp_path / 'math'
+    assert load(run_dir / 'last.pt')['step'] == 1
+    assert sorted(p.name for p in run_dir.iterdir() if p.suffix in ('.pt', '.tmp')) == ['last.pt']
+    out = capsys.readouterr().out
+    assert out.count('No space left on device') == 2 and 'last.pt is unchanged' in out
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(uniform_root, tmp_path, capsys):
+    import test as ev
+    odd = tmp_path / 'odd.pt'
+    torch.save(torch.nn.Linear(2, 2), odd)                       # a pickled module: code, not a checkpoint
+    with pytest.raises(SystemExit) as e:
+        run(uniform_root, tmp_path, '--init_from', str(odd))
+    with pytest.raises(SystemExit) as e2:
+        ev.main(['--weights', str(odd), '--image', str(odd)])
+    for msg in (str(e.value.code), str(e2.value.code)):
+        assert 'odd.pt' in msg and 'torch.nn.modules.linear.Linear' in msg
+        assert '\n' not in msg and 'weights_only' not in msg
