@@ -40,7 +40,8 @@ from utils import amp_context, eval_mode, gather_lists, init_distributed, pick_a
 # -----------------------------------------------------------------------------
 # defaults (every one is a flag below)
 BATCHSZ = 64
-INITLR = 1e-3
+SGD_PEAK_LR = 0.3       # SGD: OneCycle's peak lr (see --initlr)
+ADAM_LR = 1e-3          # Adam: initial lr
 EPOCHS = 10
 MOMENTUM = 0.9          # SGD; OneCycle cycles it between 0.85 and this
 WEIGHT_DECAY = 1e-4
@@ -814,8 +815,8 @@ def make_parser():
                    help='stop at the first step boundary after this many minutes of this run (then validate and '
                         'save as at an epoch end). 0: no time limit')
     g.add_argument('--warmup', type=int, default=WARMUP, help='steps of linear lr warm-up (0: none)')
-    g.add_argument('--initlr', type=float, default=INITLR,
-                   help='peak lr of OneCycle (SGD) or initial lr (Adam)')
+    g.add_argument('--initlr', type=float, default=None,
+                   help=f'peak lr of OneCycle (SGD) or initial lr (Adam); None: {SGD_PEAK_LR} with SGD, {ADAM_LR} with --Adam')
     g.add_argument('--Adam', action='store_true', help='Adam + exponential lr decay instead of SGD + OneCycle')
     g.add_argument('--gamma', type=float, default=ADAM_GAMMA, help='Adam: lr decay factor per epoch')
     g.add_argument('--momentum', type=float, default=MOMENTUM, help='SGD momentum (max of the OneCycle cycle)')
@@ -891,6 +892,8 @@ def get_args(argv=None):
         p.error('--max_steps, --max_minutes, --warmup and --ctc must be >= 0, --ctc_frames >= 1')
     if args.augment is None:
         args.augment = 1.0 if args.mean_teacher else 0.0
+    if args.initlr is None:     # SGD's step is lr x a clipped (norm <= --clip) gradient: it needs a larger lr
+        args.initlr = ADAM_LR if args.Adam else SGD_PEAK_LR
     if args.dry_run:
         args.val_max = min(args.val_max or 8, 8)
     return args

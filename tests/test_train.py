@@ -150,6 +150,14 @@ def test_onecycle_schedule_expected_lr():
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]['nesterov']
 
 
+def test_initlr_default_depends_on_the_optimizer():
+    """SGD's OneCycle peak and Adam's initial lr have their own defaults; a given --initlr wins."""
+    assert train.get_args([]).initlr == train.SGD_PEAK_LR == 0.3
+    assert train.get_args(['--Adam']).initlr == train.ADAM_LR == 1e-3
+    assert train.get_args(['--initlr', '0.05']).initlr == 0.05
+    assert train.get_args(['--Adam', '--initlr', '0.05']).initlr == 0.05
+
+
 def test_adam_exponential_schedule_expected_lr():
     args, opt, sched = schedule(['--Adam', '--initlr', '1e-3', '--gamma', '0.5'], steps_per_epoch=10)
     assert isinstance(opt, torch.optim.Adam)
