@@ -169,8 +169,9 @@ def get_args(argv=None):
                         'val and test, diagnose, print a table and write learn.json + learn.png (instead of the '
                         'speed sections)')
     g.add_argument('--budget', default=LEARN_BUDGET,
-                   help='training budget: optimizer steps (e.g. 600; deterministic for a seed on a CPU) or '
-                        'minutes (e.g. 10min)')
+                   help='training budget: optimizer steps (e.g. 600; deterministic for a seed on a CPU; the '
+                        'schedule spans them) or minutes (e.g. 10min; SGD\'s OneCycle then spans --epochs and is '
+                        'cut where the time ends)')
     g.add_argument('--learn_root', default=LEARN_ROOT, help='where the fixed set is rendered (once) and read')
     g.add_argument('--learn_n', type=int, default=LEARN_N,
                    help='training formulas of the fixed set (val and test get 10%% each)')
