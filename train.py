@@ -92,6 +92,19 @@ def ctc_loss(log_probs, tgt_out):
                       reduction='sum', zero_infinity=True)
 
 
+def token_dropout(tgt_in, p):
+    """Word dropout (Bowman et al., "Generating sentences from a continuous space", CoNLL 2016, Sec. 3.3):
+    each decoder input token after <sos> becomes <unk> with probability p, so the next token cannot be
+    guessed from the formula's own prefix alone and the decoder has to read it from the image (the same
+    remedy for a decoder that ignores what it is conditioned on). <sos> and <pad> stay; targets are unchanged.
+    tgt_in (B, T) -> (B, T)."""
+    if p <= 0:
+        return tgt_in
+    drop = torch.rand(tgt_in.shape, device=tgt_in.device) < p                     # (B, T)
+    drop &= tgt_in > data.UNK                                                     # real tokens only
+    return tgt_in.masked_fill(drop, data.UNK)
+
+
 def sigmoid_rampup(current, length):
     """Consistency ramp-up exp(-5 (1 - t/L)^2) of Laine & Aila (2017), used by the mean teacher;
     `current` and `length` in epochs (fractional). 1 after the ramp-up."""
@@ -529,6 +542,8 @@ class Trainer:
         else:
             tgt = self.pseudo_labels(self.put(mb['images2']))
         tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]          # (B, T-1) each: <sos> a b | a b <eos>
+        if labeled:
+            tgt_in = token_dropout(tgt_in, self.args.token_dropout)
         # no padding mask: padding is trailing, so the causal mask already hides it from every real token
         # (and the fused attention kernels stay available)
         ctc = unwrap(self.model).ctc_head is not None
@@ -823,6 +838,8 @@ def make_parser():
     g.add_argument('--weight_decay', type=float, default=WEIGHT_DECAY,
                    help='weight decay (not applied to biases and norm weights)')
     g.add_argument('--clip', type=float, default=CLIP, help='clip the global grad norm (0 = off)')
+    g.add_argument('--token_dropout', type=float, default=0.0,
+                   help='replace each decoder input token by <unk> with this probability (word dropout)')
     g.add_argument('--label_smoothing', type=float, default=0.0, help='label smoothing of the CE loss')
     g.add_argument('--ctc', type=float, default=0.0,
                    help='weight of the auxiliary CTC loss over the image columns (joint CTC-attention, Kim et al. '
@@ -1003,15 +1020,18 @@ def prepare(args, device, rank, log):
 
 
 def ensure_demo_data(args, rank, log):
-    """The default root is the demo data: render it on first use (rank 0; the others wait)."""
+    """The default root is the demo data: render the domain trained on at first use (rank 0; the others
+    wait). Each demo sample depends only on its seed, domain, split and index, so rendering one domain now
+    and the others later (by train.py or render.py) gives the same sets as rendering all at once."""
     if os.path.normpath(args.root_dir) != os.path.normpath(data.DEFAULT_ROOT):
         return
     if os.path.exists(data.label_path(args.root_dir, args.train_on, 'train')):
         return
     if rank == 0:
         import render
-        log(f'no demo data in {args.root_dir}: rendering it now (python3 render.py --root_dir {args.root_dir})')
-        render.write_demo(args.root_dir, seed=0)
+        log(f'no {args.train_on} demo data in {args.root_dir}: rendering it now (python3 render.py --root_dir '
+            f'{args.root_dir} --domains {args.train_on})')
+        render.write_demo(args.root_dir, seed=0, domains=[args.train_on])
     barrier()
 
 

@@ -294,6 +294,15 @@ def test_demo_deterministic_any_workers_and_resume(tmp_path):
                 pa = os.path.join(render._raw_dir(a, domain), name)
                 pb = os.path.join(render._raw_dir(b, domain), name)
                 assert np.array_equal(data.load_gray(pa), data.load_gray(pb))
+    # one domain alone (train.py renders only the domain it trains on) is the same set as with the others
+    c = tmp_path / 'c'
+    render.write_demo(c, seed=3, workers=1, quiet=True, sizes=sizes, domains=['math'])
+    assert not os.path.exists(data.label_path(c, 'openai', 'train'))
+    for split in SPLITS:
+        assert _read_labels(c, 'math', split) == _read_labels(a, 'math', split)
+        for name, _ in _read_labels(c, 'math', split):
+            assert np.array_equal(data.load_gray(os.path.join(render._raw_dir(c, 'math'), name)),
+                                  data.load_gray(os.path.join(render._raw_dir(a, 'math'), name)))
     # a complete root: nothing is rendered again
     again = render.write_demo(a, seed=3, workers=1, quiet=True, sizes=sizes)
     assert all(again['domains'][d]['rendered'] == 0 and again['domains'][d]['reused'] == 10 for d in DOMAINS)

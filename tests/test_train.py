@@ -83,6 +83,20 @@ def test_sigmoid_rampup_values():
     assert train.sigmoid_rampup(0, 0) == 1.0
 
 
+def test_token_dropout_replaces_only_real_tokens():
+    tgt_in = torch.tensor([[data.SOS, 10, 11, 12, data.EOS, data.PAD],
+                           [data.SOS, 20, data.UNK, data.EOS, data.PAD, data.PAD]])
+    assert torch.equal(train.token_dropout(tgt_in, 0.0), tgt_in)
+    all_dropped = train.token_dropout(tgt_in, 1.0)
+    special = tgt_in <= data.UNK                                   # <pad> <sos> <eos> <unk> stay
+    assert torch.equal(all_dropped[special], tgt_in[special])
+    assert (all_dropped[~special] == data.UNK).all()
+    torch.manual_seed(0)
+    big = torch.randint(data.UNK + 1, 100, (200, 50))
+    rate = (train.token_dropout(big, 0.3) == data.UNK).float().mean().item()
+    assert 0.27 < rate < 0.33
+
+
 def test_update_ema_follows_formula():
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
