@@ -53,8 +53,8 @@ import data
 from checkpoint import load_model
 from metrics import METRIC_NAMES, compute_metrics, edit_distances, format_metrics
 from transformer import LENGTH_PENALTY, MAX_DECODE_LEN, decode_batch, decode_dataset, model_max_len
-from utils import (amp_context, crop_to_ink, eval_mode, gather_lists, info, init_distributed, pick_amp, pick_device,
-                   png_bytes, write_json, write_text)
+from utils import (amp_context, crop_to_ink, eval_mode, flush_denormals, gather_lists, info, init_distributed,
+                   pick_amp, pick_device, png_bytes, write_json, write_text)
 
 # -----------------------------------------------------------------------------
 # defaults of the flags below
@@ -600,6 +600,7 @@ def main(argv=None):
         return score_file(args.score)
     rank, world, local_rank = init_distributed(args.device)
     device = pick_device(args.device, local_rank)
+    flush_denormals(device)
     if args.workers < 0:
         args.workers = 4 if device.type == 'cuda' else 0
     amp_dtype = pick_amp(args, device)

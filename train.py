@@ -35,7 +35,8 @@ import checkpoint
 import data
 import transformer
 from metrics import compute_metrics
-from utils import amp_context, eval_mode, gather_lists, init_distributed, pick_amp, pick_device, write_json
+from utils import (amp_context, eval_mode, flush_denormals, gather_lists, init_distributed, pick_amp,
+                   pick_device, write_json)
 
 # -----------------------------------------------------------------------------
 # defaults (every one is a flag below)
@@ -1166,6 +1167,7 @@ def main(argv=None):
         return ckpt
     rank, world, local_rank = init_distributed(args.device)
     device = pick_device(args.device, local_rank)
+    flush_denormals(device)
     amp_dtype = prepare(args, device, rank, log)
     d = build_data(args, device, rank, world, log)
     model, teacher, vocab, init_note = build_model(args, ckpt, d, device)

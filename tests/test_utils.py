@@ -90,3 +90,14 @@ def test_checkpoint_load_says_why_in_one_line(tmp_path):
     assert checkpoint.model_state(ckpt, 'student') is ckpt['model']
     with pytest.raises(ValueError, match='x.pt.*no teacher'):
         checkpoint.model_state(ckpt, 'teacher', path='x.pt')
+
+
+def test_flush_denormals_on_cpu_only():
+    tiny = torch.tensor([1e-39])                      # a float32 denormal
+    try:
+        utils.flush_denormals(torch.device('meta'))   # not a CPU: nothing changes
+        assert (tiny * 1.0).item() != 0.0
+        utils.flush_denormals(torch.device('cpu'))
+        assert (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
