@@ -908,6 +908,8 @@ def get_args(argv=None):
         p.error('--unlabeled needs --mean_teacher (unlabeled images only enter the consistency cost)')
     if min(args.max_steps, args.max_minutes, args.warmup, args.ctc) < 0 or args.ctc_frames < 1:
         p.error('--max_steps, --max_minutes, --warmup and --ctc must be >= 0, --ctc_frames >= 1')
+    if not 0.0 <= args.token_dropout <= 1.0:
+        p.error(f'--token_dropout is a probability: expected a value in [0, 1], got {args.token_dropout}')
     if args.augment is None:
         args.augment = 1.0 if args.mean_teacher else 0.0
     if args.initlr is None:     # SGD's step is lr x a clipped (norm <= --clip) gradient: it needs a larger lr

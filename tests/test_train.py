@@ -95,6 +95,9 @@ def test_token_dropout_replaces_only_real_tokens():
     big = torch.randint(data.UNK + 1, 100, (200, 50))
     rate = (train.token_dropout(big, 0.3) == data.UNK).float().mean().item()
     assert 0.27 < rate < 0.33
+    for bad in ('-0.1', '1.5'):
+        with pytest.raises(SystemExit):
+            train.get_args(['--token_dropout', bad])
 
 
 def test_update_ema_follows_formula():
