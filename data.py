@@ -1172,13 +1172,15 @@ class BucketBatchSampler:
     process and deals them out the same way, so the ranks may get different numbers of batches (some
     none at all); len() is this rank's count."""
 
-    def __init__(self, sizes, batch_size, shuffle=True, seed=0, num_replicas=1, rank=0, equal_shards=True):
+    def __init__(self, sizes, batch_size, shuffle=True, seed=0, num_replicas=1, rank=0, equal_shards=True,
+                 curriculum=0):
         if not 0 <= rank < num_replicas:
             raise ValueError(f'rank {rank} not in [0, {num_replicas})')
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
         self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.epoch, self.skip_batches = 0, 0
-        self.n = len(sizes)
+        self.n, self.curriculum = len(sizes), int(curriculum)
+        self._area = torch.tensor([int(s[0]) * int(s[1]) for s in sizes], dtype=torch.float64)   # (n,) pixels
         self._groups = self._make_groups([tuple(int(v) for v in s) for s in sizes])
         replicas = self.num_replicas if equal_shards else 1
         self._plan = _plan_batches([len(g) for g in self._groups], self.batch_size, replicas)
@@ -1204,9 +1206,18 @@ class BucketBatchSampler:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
+    def _ordered(self, batches):
+        """In a curriculum epoch (epoch < curriculum): batches sorted by their images' mean area, small
+        first (stable: shuffled order within equal areas). A formula's image grows with its length, so
+        the first steps see the shortest formulas (curriculum learning, Bengio et al. ICML 2009).
+        Example: batches of sizes 40x150, 32x90, 40x150, 48x300 -> 32x90, 40x150, 40x150, 48x300."""
+        if self.epoch >= self.curriculum:
+            return batches
+        return sorted(batches, key=lambda b: float(self._area[b].mean()))
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        mine = self._epoch_batches(g)[self.rank::self.num_replicas]
+        mine = self._ordered(self._epoch_batches(g))[self.rank::self.num_replicas]
         yield from mine[self.skip_batches:]
 
     def __len__(self):
@@ -1286,14 +1297,15 @@ class _SeededBatches:
 
 
 def make_loader(dataset, batch_size, split_batch=False, shuffle=True, seed=0, num_replicas=1, rank=0,
-                workers=0, pin_memory=False, equal_shards=True):
+                workers=0, pin_memory=False, equal_shards=True, curriculum=0):
     """-> (DataLoader, sampler). Each loader batch is collate's list of same-size micro-batches.
     Call sampler.set_epoch(epoch[, skip_batches]) before each epoch. With workers > 0 the workers stay
     alive between epochs (persistent_workers) and prefetch 4 batches each. equal_shards: every rank the
-    same number of batches (training under DDP); False for evaluation (see BucketBatchSampler)."""
+    same number of batches (training under DDP); False for evaluation (see BucketBatchSampler).
+    curriculum: epochs whose batches go from small to large images (see BucketBatchSampler._ordered)."""
     cls = SplitBatchSampler if split_batch else BucketBatchSampler
     sampler = cls(dataset.sizes, batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank,
-                  equal_shards=equal_shards)
+                  equal_shards=equal_shards, curriculum=curriculum)
     kw = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
     # a private generator: creating an iterator then draws its worker base seed from it, not from the
     # global RNG, so dropout masks are the same whether a run was resumed or not

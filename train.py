@@ -54,6 +54,7 @@ RAMPUP = 5.0            # epochs of the sigmoid-shaped ramp-up
 MAX_LEN = 150           # longest formula (tokens) trained on / decoded
 WARMUP = 0              # steps of linear lr warm-up (on top of the schedule)
 CTC_FRAMES = 4          # frames per image column of the auxiliary CTC head (with --ctc > 0)
+CURRICULUM = 0          # epochs ordered from small to large images (--curriculum)
 SAVE_EVERY = '10m'      # last.pt at the first step boundary after 10 minutes of training: the work at risk
 
 
@@ -813,6 +814,9 @@ def make_parser():
     g.add_argument('--split_batch', action='store_true',
                    help='random mixed-size batches, split into same-size micro-batches (gradient accumulation) '
                         'instead of size-bucketed batches')
+    g.add_argument('--curriculum', type=int, default=CURRICULUM, metavar='N',
+                   help='the first N epochs take their batches from small to large images (short formulas '
+                        'first; curriculum learning, Bengio et al. 2009); 0: shuffled from the start')
     g.add_argument('--unlabeled', default=None, metavar='DIR',
                    help='folder of unlabeled target-domain images for the consistency cost (needs --mean_teacher)')
     g.add_argument('--workers', type=int, default=-1, help='DataLoader workers (-1: 0 on CPU, 4 on CUDA)')
@@ -863,6 +867,9 @@ def make_parser():
     g.add_argument('--dropout', type=float, default=0.1, help='decoder dropout')
     g.add_argument('--output_stride', type=int, default=16, choices=(8, 16, 32), help='encoder output stride')
     g.add_argument('--drop_connect', type=float, default=0.2, help='stochastic-depth rate of the EfficientNet blocks')
+    g.add_argument('--zero_init_residual', action=argparse.BooleanOptionalAction, default=True,
+                   help='start every residual EfficientNet block as the identity (last BatchNorm scale 0, '
+                        '"zero gamma", Goyal et al. 2017); not with --backbone_weights')
     g.add_argument('--memory_norm', action=argparse.BooleanOptionalAction, default=True,
                    help='LayerNorm on the encoder memory before the positions are added')
     g.add_argument('--ctc_frames', type=int, default=CTC_FRAMES,
@@ -906,8 +913,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.unlabeled and not args.mean_teacher:
         p.error('--unlabeled needs --mean_teacher (unlabeled images only enter the consistency cost)')
-    if min(args.max_steps, args.max_minutes, args.warmup, args.ctc) < 0 or args.ctc_frames < 1:
-        p.error('--max_steps, --max_minutes, --warmup and --ctc must be >= 0, --ctc_frames >= 1')
+    if min(args.max_steps, args.max_minutes, args.warmup, args.ctc, args.curriculum) < 0 or args.ctc_frames < 1:
+        p.error('--max_steps, --max_minutes, --warmup, --ctc and --curriculum must be >= 0, --ctc_frames >= 1')
     if not 0.0 <= args.token_dropout <= 1.0:
         p.error(f'--token_dropout is a probability: expected a value in [0, 1], got {args.token_dropout}')
     if args.augment is None:
@@ -1067,7 +1074,7 @@ def build_data(args, device, rank, world, log):
     kw = dict(num_replicas=world, rank=rank, pin_memory=device.type == 'cuda',
               workers=args.workers if args.workers >= 0 else (4 if device.type == 'cuda' else 0))
     train_loader, train_sampler = data.make_loader(train_set, args.batchsz, split_batch=args.split_batch,
-                                                   shuffle=True, seed=args.seed, **kw)
+                                                   shuffle=True, seed=args.seed, curriculum=args.curriculum, **kw)
     val_loader, _ = data.make_loader(val_set, args.batchsz, shuffle=False, equal_shards=False, **kw)
     unlabeled = None
     if args.unlabeled:
@@ -1108,6 +1115,8 @@ def build_model(args, ckpt, d, device):
     else:
         vocab = data.Vocab.build(data.read_token_list(data.PRE_VOCAB), d.train_set.tokens)
         model = transformer.build_model(model_hparams(args, len(vocab)))
+        if args.zero_init_residual and not args.backbone_weights:
+            model.encoder.zero_init_residual_()
     d.train_set.vocab = d.val_set.vocab = vocab
     model.to(device)
     if args.channels_last:

@@ -144,6 +144,22 @@ class Encoder(nn.Module):
         self.proj = nn.Linear(head_channels, d_model)                 # the changed final FC
         self.norm = nn.LayerNorm(d_model) if memory_norm else None
 
+    @torch.no_grad()
+    def zero_init_residual_(self):
+        """Zero the scale (gamma) of the last BatchNorm of every MBConv block that has an identity
+        shortcut (9 of B0's 16 blocks: all but the first of each stage), so that each such block starts
+        as the identity and the backbone as a shallow network (stem, the 7 stage-entry blocks, head)
+        that deepens as its residual branches grow: "zero gamma" (Goyal et al. 2017, "Accurate, Large
+        Minibatch SGD", Sec. 5.1; He et al. 2019, "Bag of Tricks for Image Classification", Sec. 3.1).
+        The non-local blocks already start as the identity. -> the number of blocks zeroed."""
+        n = 0
+        for block in self.backbone._blocks:
+            a = block._block_args
+            if block.id_skip and a.stride == 1 and a.input_filters == a.output_filters:   # as MBConvBlock.forward
+                nn.init.zeros_(block._bn2.weight)
+                n += 1
+        return n
+
     def feature_map(self, images):
         """(B, 1, H, W) -> (B, 1280, h, w). Same computation as EfficientNet.extract_features, with the
         block loop re-run here to insert the non-local blocks (same drop-connect scaling)."""

@@ -638,6 +638,40 @@ def test_sampler_invariants(n, n_sizes, bs, R, split):
     assert len(samplers[0]) == len(orders[0][0])
 
 
+@pytest.mark.parametrize('split', [False, True])
+def test_sampler_curriculum_orders_small_images_first(split):
+    """--curriculum 1: epoch 0 goes from small to large images (the docstring's example), with the same
+    batches as without it, every index once over all ranks, resumable; epoch 1 is shuffled as usual."""
+    sizes = random_sizes(120, 6, seed=5)
+    area = {i: h * w for i, (h, w) in enumerate(sizes)}
+    cls = data.SplitBatchSampler if split else data.BucketBatchSampler
+
+    def shards(epoch, curriculum, R=1):
+        out = []
+        for r in range(R):
+            s = cls(sizes, 8, shuffle=True, seed=3, num_replicas=R, rank=r, curriculum=curriculum)
+            s.set_epoch(epoch)
+            out.append(list(s))
+        return out
+
+    def mean_area(b):
+        return sum(area[i] for i in b) / len(b)
+
+    first = shards(0, 1)[0]
+    assert [mean_area(b) for b in first] == sorted(mean_area(b) for b in first)
+    assert sorted(map(tuple, first)) == sorted(map(tuple, shards(0, 0)[0]))       # same batches, new order
+    assert first != shards(0, 0)[0]
+    assert shards(1, 1) == shards(1, 0)                                          # after the curriculum
+    two = shards(0, 1, R=2)
+    assert sorted(i for sh in two for b in sh for i in b) == list(range(120))
+    s = cls(sizes, 8, shuffle=True, seed=3, curriculum=1)
+    s.set_epoch(0, skip_batches=5)
+    assert list(s) == first[5:]                                                 # resume mid-curriculum
+    if not split:   # sizes 40x150, 32x90, 40x150, 48x300 -> 32x90, 40x150, 40x150, 48x300
+        s = data.BucketBatchSampler([(40, 150), (32, 90), (40, 150), (48, 300)], 1, shuffle=False, curriculum=1)
+        assert list(s) == [[1], [0], [2], [3]]
+
+
 def test_sampler_split_rule_and_no_shuffle():
     sizes = [(1, 1)] * 10 + [(2, 2)] * 3                            # the docstring's worked example
     assert data._plan_batches([10, 3], 4, 3) == [[2, 2, 2, 2, 2], [3]]

@@ -208,6 +208,26 @@ def test_nonlocal_gradient_flows_after_one_step():
         assert conv.weight.grad.abs().sum() > 0
 
 
+def test_zero_init_residual_blocks_start_as_identity(default_model):
+    """Zero gamma: every MBConv block with an identity shortcut returns its input exactly, in train and
+    eval mode; the stage-entry blocks (no shortcut) keep gamma 1 and change their input."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(default_model)
+    blocks = model.encoder.backbone._blocks
+    assert model.encoder.zero_init_residual_() == 9          # B0: 16 blocks, 7 of them open a stage
+    zeroed = [i for i, b in enumerate(blocks) if not b._bn2.weight.any()]
+    assert zeroed == [2, 4, 6, 7, 9, 10, 12, 13, 14]
+    for i, block in enumerate(blocks):
+        x = torch.randn(2, block._block_args.input_filters, 5, 7)
+        for mode in (True, False):
+            block.train(mode)
+            with torch.no_grad():
+                y = block(x)
+            assert torch.equal(y, x) == (i in zeroed), i
+    assert all(torch.equal(b._bn2.weight, torch.ones_like(b._bn2.weight)) for i, b in enumerate(blocks)
+               if i not in zeroed)
+
+
 # -----------------------------------------------------------------------------
 # decoding
 

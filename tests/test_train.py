@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -173,6 +174,18 @@ def test_initlr_default_depends_on_the_optimizer():
     assert train.get_args(['--Adam']).initlr == train.ADAM_LR == 1e-3
     assert train.get_args(['--initlr', '0.05']).initlr == 0.05
     assert train.get_args(['--Adam', '--initlr', '0.05']).initlr == 0.05
+
+
+def test_zero_init_residual_only_for_new_models_when_asked():
+    """A new model starts with zero gamma in its residual blocks (--zero_init_residual, the default);
+    --no-zero_init_residual keeps efficientnet_pytorch's init (gamma 1)."""
+    d = SimpleNamespace(train_set=SimpleNamespace(tokens=[['x']], vocab=None), val_set=SimpleNamespace(vocab=None))
+    for flags, gamma in (([], 0.0), (['--no-zero_init_residual'], 1.0)):
+        args = train.get_args(['--d_model', '32', '--nhead', '2', '--num_layers', '1', '--dim_ff', '32'] + flags)
+        model, _, _, _ = train.build_model(args, None, d, torch.device('cpu'))
+        blocks = model.encoder.backbone._blocks
+        assert torch.all(blocks[2]._bn2.weight == gamma) and torch.all(blocks[14]._bn2.weight == gamma)
+        assert torch.all(blocks[1]._bn2.weight == 1.0)       # a stage-entry block: no shortcut, untouched
 
 
 def test_adam_exponential_schedule_expected_lr():
