@@ -53,7 +53,8 @@ CONSISTENCY = 1.0       # weight of the consistency cost after ramp-up (KL)
 RAMPUP = 5.0            # epochs of the sigmoid-shaped ramp-up
 MAX_LEN = 150           # longest formula (tokens) trained on / decoded
 WARMUP = 0              # steps of linear lr warm-up (on top of the schedule)
-CTC_FRAMES = 4          # frames per image column of the auxiliary CTC head (with --ctc > 0)
+OUTPUT_STRIDE = '16x8'  # encoder output stride, rows x columns (--output_stride)
+CTC_FRAMES = 2          # frames per image column of the auxiliary CTC head (with --ctc > 0)
 CURRICULUM = 0          # epochs ordered from small to large images (--curriculum)
 SAVE_EVERY = '10m'      # last.pt at the first step boundary after 10 minutes of training: the work at risk
 
@@ -687,34 +688,38 @@ class Trainer:
 
     def end_epoch(self, train_loss, metrics, records, val_set, seconds):
         """Count the epoch, keep the best BLEU-4, and on rank 0 log, write TensorBoard, save last.pt
-        (and best.pt)."""
+        (and best.pt). metrics None: an epoch without validation (--val_every)."""
         state = self.state
         state['epoch'] += 1
         state['batch_in_epoch'] = 0
-        state['val_metrics'] = metrics
-        best = metrics['bleu4'] > state['best_metric']
+        best = metrics is not None and metrics['bleu4'] > state['best_metric']
+        if metrics is not None:
+            state['val_metrics'] = metrics
         if best:
             state['best_metric'] = metrics['bleu4']
         path = self.save('last.pt', 'best.pt') if best else self.save('last.pt')
         if self.rank != 0:
             return
-        who = 'teacher ' if self.teacher is not None else ''
-        self.log(f'epoch {state["epoch"]}/{self.n_epochs()} | train loss {train_loss:.4f} | {who}val '
-                 f'bleu4 {metrics["bleu4"]:.2f} edit_acc {metrics["edit_accuracy"]:.4f} '
-                 f'exact {metrics["exact_match"]:.4f} | {seconds:.0f} s'
-                 + (f' | skipped steps {state["skipped_steps"]}' if state['skipped_steps'] else ''))
-        self.history({'step': state['step'], 'epoch': state['epoch'], 'val': metrics})
-        if self.writer is not None:
-            for k, v in metrics.items():
-                self.writer.add_scalar(f'val/{k}', v, state['step'])
-            log_val_samples(self.writer, val_set, records, state['step'])
-            self.writer.flush()
+        head = f'epoch {state["epoch"]}/{self.n_epochs()} | train loss {train_loss:.4f} | '
+        skipped = f' | skipped steps {state["skipped_steps"]}' if state['skipped_steps'] else ''
+        if metrics is None:
+            self.log(head + f'no validation (--val_every {self.args.val_every}) | {seconds:.0f} s' + skipped)
+        else:
+            who = 'teacher ' if self.teacher is not None else ''
+            self.log(head + f'{who}val bleu4 {metrics["bleu4"]:.2f} edit_acc {metrics["edit_accuracy"]:.4f} '
+                     f'exact {metrics["exact_match"]:.4f} | {seconds:.0f} s' + skipped)
+            self.history({'step': state['step'], 'epoch': state['epoch'], 'val': metrics})
+            if self.writer is not None:
+                for k, v in metrics.items():
+                    self.writer.add_scalar(f'val/{k}', v, state['step'])
+                log_val_samples(self.writer, val_set, records, state['step'])
+                self.writer.flush()
         if path:
             self.log(f'  saved {path}' + (' and best.pt' if best else ''))
 
     def fit(self, d, stop):
-        """The epoch loop over TrainData `d`: train, validate, save; on a stop request save last.pt
-        (rank 0) and raise StopRequested. -> state."""
+        """The epoch loop over TrainData `d`: train, validate (every --val_every epochs and at the end),
+        save; on a stop request save last.pt (rank 0) and raise StopRequested. -> state."""
         while self.state['epoch'] < self.n_epochs():
             t0 = time.time()
             try:
@@ -724,9 +729,13 @@ class Trainer:
                 if path:
                     self.log(f'interrupted: saved {path} at step {self.state["step"]}; continue with --resume')
                 raise
-            metrics, records = self.validate(d.val_loader)
-            self.end_epoch(train_loss, metrics, records, d.val_set, time.time() - t0)
-            if self.args.dry_run or self.budget_spent():
+            last = self.args.dry_run or self.budget_spent() or self.state['epoch'] + 1 >= self.n_epochs()
+            if last or (self.state['epoch'] + 1) % self.args.val_every == 0:
+                metrics, records = self.validate(d.val_loader)
+                self.end_epoch(train_loss, metrics, records, d.val_set, time.time() - t0)
+            else:
+                self.end_epoch(train_loss, None, None, d.val_set, time.time() - t0)
+            if last:
                 break
         return self.state
 
@@ -825,6 +834,8 @@ def make_parser():
     g.add_argument('--augment', type=float, default=None,
                    help='augmentation strength, 0 = off (None: 1 with --mean_teacher, else 0)')
     g.add_argument('--val_max', type=int, default=0, help='validate on at most this many samples (0 = all)')
+    g.add_argument('--val_every', type=int, default=1, metavar='N',
+                   help='validate every N epochs (and always after the last one, which writes best.pt then)')
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=EPOCHS, help='number of epochs')
@@ -865,7 +876,9 @@ def make_parser():
     g.add_argument('--num_layers', type=int, default=3, help='decoder layers')
     g.add_argument('--dim_ff', type=int, default=1024, help='decoder feed-forward width')
     g.add_argument('--dropout', type=float, default=0.1, help='decoder dropout')
-    g.add_argument('--output_stride', type=int, default=16, choices=(8, 16, 32), help='encoder output stride')
+    g.add_argument('--output_stride', type=stride_flag, default=OUTPUT_STRIDE, metavar='S|RxC',
+                   help='encoder output stride: 8, 16 or 32 on both axes, or RxC for rows x columns '
+                        f'(default {OUTPUT_STRIDE}: rows /16, columns /8, a memory column per ~8 px of the formula)')
     g.add_argument('--drop_connect', type=float, default=0.2, help='stochastic-depth rate of the EfficientNet blocks')
     g.add_argument('--zero_init_residual', action=argparse.BooleanOptionalAction, default=True,
                    help='start every residual EfficientNet block as the identity (last BatchNorm scale 0, '
@@ -913,8 +926,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.unlabeled and not args.mean_teacher:
         p.error('--unlabeled needs --mean_teacher (unlabeled images only enter the consistency cost)')
-    if min(args.max_steps, args.max_minutes, args.warmup, args.ctc, args.curriculum) < 0 or args.ctc_frames < 1:
-        p.error('--max_steps, --max_minutes, --warmup, --ctc and --curriculum must be >= 0, --ctc_frames >= 1')
+    if min(args.max_steps, args.max_minutes, args.warmup, args.ctc, args.curriculum) < 0 or \
+            min(args.ctc_frames, args.val_every) < 1:
+        p.error('--max_steps, --max_minutes, --warmup, --ctc and --curriculum must be >= 0, --ctc_frames and '
+                '--val_every >= 1')
     if not 0.0 <= args.token_dropout <= 1.0:
         p.error(f'--token_dropout is a probability: expected a value in [0, 1], got {args.token_dropout}')
     if args.augment is None:
@@ -942,6 +957,17 @@ def save_interval(text):
     if value < 0 or not math.isfinite(value):
         raise ValueError(f'--save_every must be >= 0, got {text}')
     return (0, 60.0 * value) if text.endswith('m') else (value, 0)
+
+
+def stride_flag(text):
+    """argparse type of --output_stride: '16' -> 16, '16x8' -> [16, 8] (rows, columns), checked."""
+    try:
+        parts = [int(t) for t in text.lower().split('x')]
+        value = parts[0] if len(parts) == 1 else parts
+        transformer.output_strides(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected 8, 16 or 32, or RxC with each of them (16x8)')
+    return value
 
 
 def save_every_flag(text):

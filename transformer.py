@@ -3,9 +3,10 @@ greedy / beam decoding with a key/value cache.
 
 Encoder (Tan & Le, "EfficientNet", ICML 2019; efficientnet_pytorch 0.7.1, built with no download):
     image (B, 1, H, W), ink = 1
-    -> stem + 16 MBConv blocks (output stride 16 by default: the first block of stage 6 has stride 1),
+    -> stem + 16 MBConv blocks (output stride 16 here by default: the first block of stage 6 has stride 1;
+       train.py's default is 16 for rows and 8 for columns, see _build_backbone),
        NonLocalBlock2D (Wang et al., CVPR 2018) after blocks 10 and 14
-    -> _conv_head + _bn1 + swish: (B, 1280, h, w), h = ceil(H/16), w = ceil(W/16)
+    -> _conv_head + _bn1 + swish: (B, 1280, h, w), h = ceil(H/16), w = ceil(W/16) (W/8 with 16x8)
     -> the "changed final FC": Linear(1280 -> d_model) at every position (the ImageNet `_fc` only saw
        the pooled vector and is dropped), + 2D sinusoidal positions -> memory (B, S = h*w, d_model)
 Decoder (Vaswani et al., "Attention is all you need", NeurIPS 2017; pre-norm as in Xiong et al.,
@@ -94,21 +95,35 @@ def gnmt_length_penalty(length, alpha):
 # -----------------------------------------------------------------------------
 # encoder
 
+def output_strides(output_stride):
+    """Normalise an output stride to (rows, columns): 16 -> (16, 16), (16, 8) or [16, 8] -> (16, 8);
+    each must be 8, 16 or 32. Raises ValueError."""
+    pair = (output_stride, output_stride) if isinstance(output_stride, int) else tuple(output_stride)
+    if len(pair) != 2 or any(isinstance(s, bool) or s not in (8, 16, 32) for s in pair):
+        raise ValueError(f'output_stride={output_stride!r}: must be 8, 16 or 32, or a (rows, columns) pair of them')
+    return int(pair[0]), int(pair[1])
+
+
 def _build_backbone(output_stride, drop_connect, bn_momentum=0.1):
     """efficientnet_pytorch B0 without any download: image_size=None gives dynamic "SAME" padding
     (output = ceil(input / stride) for every size; the default 224 makes static padding that floors
     other sizes), include_top=False drops `_fc` (unused: it only sees the pooled vector),
-    grayscale stem (1 input channel). State-dict keys stay efficientnet_pytorch's."""
+    grayscale stem (1 input channel). State-dict keys stay efficientnet_pytorch's.
+    output_stride (rows, columns): B0 halves both axes in the stem and in the first blocks of stages 2,
+    3, 4 and 6 (cumulative 2, 4, 8, 16, 32); each axis keeps the halvings of stages 4 and 6 only up to
+    its stride. Example (16, 8) on a 40x150 image: stages 4-5 at 5x19 -> 3x19 (rows halved, columns
+    not), stages 6-7 at 3x19 (neither), so the memory is 3 rows x 19 columns instead of 3 x 10."""
     from efficientnet_pytorch import EfficientNet
     from efficientnet_pytorch.utils import get_model_params
     blocks_args, global_params = get_model_params(
         'efficientnet-b0', {'image_size': None, 'include_top': False, 'drop_connect_rate': drop_connect,
                             # efficientnet_pytorch stores TF's decay (0.99 = torch momentum 0.01)
                             'batch_norm_momentum': 1.0 - bn_momentum})
-    if output_stride <= 16:   # stage 6's first block (block 11): stride 2 -> 1
-        blocks_args[_STAGE6] = blocks_args[_STAGE6]._replace(stride=[1])
-    if output_stride <= 8:    # stage 4's first block (block 5): stride 2 -> 1
-        blocks_args[_STAGE4] = blocks_args[_STAGE4]._replace(stride=[1])
+    rows, cols = output_strides(output_stride)
+    # the first block of stage 4 (block 5) takes the axis from stride 8 to 16, that of stage 6 (block 11)
+    # from 16 to 32; a (row, column) stride list becomes the depthwise conv's stride tuple
+    blocks_args[_STAGE4] = blocks_args[_STAGE4]._replace(stride=[2 if rows >= 16 else 1, 2 if cols >= 16 else 1])
+    blocks_args[_STAGE6] = blocks_args[_STAGE6]._replace(stride=[2 if rows >= 32 else 1, 2 if cols >= 32 else 1])
     net = EfficientNet(blocks_args, global_params)
     net._change_in_channels(1)    # fresh 1-channel stem (dynamic padding since image_size is None)
     # nn.SiLU == x * sigmoid(x) == efficientnet_pytorch's swish, as one fused kernel each way (its
@@ -121,9 +136,9 @@ def _build_backbone(output_stride, drop_connect, bn_momentum=0.1):
 
 
 class Encoder(nn.Module):
-    """EfficientNet-B0 (grayscale, output stride 8/16/32) + non-local blocks + per-position projection
-    to d_model (+ LayerNorm with memory_norm) + 2D sinusoidal positions.
-    (B, 1, H, W) -> memory (B, ceil(H/s)*ceil(W/s), d_model).
+    """EfficientNet-B0 (grayscale, output stride 8/16/32 per axis) + non-local blocks + per-position
+    projection to d_model (+ LayerNorm with memory_norm) + 2D sinusoidal positions.
+    (B, 1, H, W) -> memory (B, ceil(H/r)*ceil(W/c), d_model), (r, c) = output stride (rows, columns).
 
     memory_norm: a LayerNorm on the projected features before the positions are added, as pre-norm
     encoder-decoders normalise their encoder output (Xiong et al. 2020, "On Layer Normalization in the
@@ -414,7 +429,7 @@ class Im2LatexModel(nn.Module):
 
     vocab_size: V (specials <pad>=0 <sos>=1 <eos>=2 <unk>=3 first); d_model, nhead, num_layers, dim_ff,
     dropout: decoder size; max_len: longest token sequence (positions) the decoder accepts;
-    output_stride: 8, 16 or 32; nonlocal_after: backbone block indexes (0..15) followed by a
+    output_stride: 8, 16 or 32, or a (rows, columns) pair of them (see _build_backbone); nonlocal_after: backbone block indexes (0..15) followed by a
     NonLocalBlock2D; nonlocal_subsample: 2x2 max-pool of the non-local keys/values; drop_connect:
     the backbone's stochastic-depth rate; bn_momentum: BatchNorm running-statistics momentum (torch
     convention). efficientnet_pytorch's default, TF's 0.01, leaves the eval-mode statistics far behind
@@ -437,8 +452,8 @@ class Im2LatexModel(nn.Module):
             raise ValueError(f'vocab_size={vocab_size}: the vocab must hold at least <pad> <sos> <eos>')
         if d_model % nhead or d_model % 4:
             raise ValueError(f'd_model={d_model} must be divisible by nhead={nhead} and by 4 (2D positions)')
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f'output_stride={output_stride}: must be 8, 16 or 32')
+        rows, cols = output_strides(output_stride)
+        output_stride = rows if rows == cols else [rows, cols]    # JSON-able; a square stride stays an int
         if len(set(nonlocal_after)) != len(nonlocal_after) or any(
                 not 0 <= i < NUM_BLOCKS_B0 for i in nonlocal_after):
             raise ValueError(f'nonlocal_after={nonlocal_after}: distinct block indexes in 0..{NUM_BLOCKS_B0 - 1}')
@@ -458,7 +473,7 @@ class Im2LatexModel(nn.Module):
 
     # --- training-time API --------------------------------------------------
     def encode(self, images):
-        """(B, 1, H, W) -> memory (B, S, d_model), S = ceil(H/s) * ceil(W/s), s = output stride."""
+        """(B, 1, H, W) -> memory (B, S, d_model), S = ceil(H/r) * ceil(W/c), (r, c) = output stride."""
         return self.encoder(images)
 
     def decode(self, tgt_in, memory, tgt_pad_mask=None):

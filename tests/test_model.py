@@ -91,12 +91,24 @@ def test_output_shapes_default_encoder(default_model, h, w):
         assert fmap.shape[-2:] == (1, 1)
 
 
-@pytest.mark.parametrize('stride', [8, 32])
+@pytest.mark.parametrize('stride', [8, 32, (16, 8), [32, 8], (8, 16)])
 def test_other_output_strides(stride):
+    rows, cols = (stride, stride) if isinstance(stride, int) else stride
     model = Im2LatexModel(20, output_stride=stride, **SMALL).eval()
     with torch.no_grad():
+        content = model.encoder.content(torch.rand(1, 1, 33, 97))
         memory = model.encode(torch.rand(1, 1, 33, 97))
-    assert memory.shape == (1, ceil_div(33, stride) * ceil_div(97, stride), 64)
+    assert content.shape == (1, ceil_div(33, rows), ceil_div(97, cols), 64)
+    assert memory.shape == (1, ceil_div(33, rows) * ceil_div(97, cols), 64)
+    assert model.hparams['output_stride'] == (rows if rows == cols else [rows, cols])   # JSON-able
+
+
+def test_output_stride_changes_no_weights():
+    """A stride is a property of the forward pass: (16, 8) has exactly the parameters of 16, so weights
+    move between the two (and old checkpoints, which stored an int, load as before)."""
+    a = Im2LatexModel(20, output_stride=16, **SMALL).state_dict()
+    b = Im2LatexModel(20, output_stride=(16, 8), **SMALL).state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
 
 
 def test_train_step_reaches_every_part():
@@ -126,7 +138,7 @@ def test_pad_mask_does_not_change_real_positions(small_model):
 
 
 def test_hparams_json_roundtrip_rebuilds_same_architecture():
-    model = Im2LatexModel(33, **SMALL, nonlocal_after=(7, 14), output_stride=32)
+    model = Im2LatexModel(33, **SMALL, nonlocal_after=(7, 14), output_stride=(32, 8))
     hp = json.loads(json.dumps(model.hparams))
     assert hp == model.hparams
     rebuilt = build_model(hp)
@@ -138,8 +150,9 @@ def test_hparams_json_roundtrip_rebuilds_same_architecture():
 
 
 def test_bad_constructor_arguments():
-    with pytest.raises(ValueError, match='output_stride'):
-        Im2LatexModel(20, output_stride=4)
+    for bad in (4, (16, 4), (16, 8, 8), True):
+        with pytest.raises(ValueError, match='output_stride'):
+            Im2LatexModel(20, output_stride=bad)
     with pytest.raises(ValueError, match='nonlocal_after'):
         Im2LatexModel(20, nonlocal_after=(3, 16))
     with pytest.raises(ValueError, match='d_model'):

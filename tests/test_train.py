@@ -101,6 +101,17 @@ def test_token_dropout_replaces_only_real_tokens():
             train.get_args(['--token_dropout', bad])
 
 
+def test_output_stride_flag():
+    assert train.get_args(['--output_stride', '32']).output_stride == 32
+    assert train.get_args(['--output_stride', '16x8']).output_stride == [16, 8]
+    assert train.get_args([]).output_stride == [16, 8]                 # the default, rows x columns
+    hp = train.model_hparams(train.get_args(['--output_stride', '32X16']), 50)
+    assert hp['output_stride'] == [32, 16]
+    for bad in ('4', '16x', '16x8x8', 'x8', 'sixteen'):
+        with pytest.raises(SystemExit):
+            train.get_args(['--output_stride', bad])
+
+
 def test_update_ema_follows_formula():
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
@@ -422,6 +433,20 @@ def test_max_steps_budget_history_and_ctc_run(uniform_root, tmp_path):
     assert [r['step'] for r in steps] == [1, 2, 3]
     assert all(r['ctc'] > 0 and r['loss'] == pytest.approx(r['ce'] + 0.3 * r['ctc'], rel=1e-5) for r in steps)
     assert rows[-1]['step'] == 3 and set(rows[-1]['val']) >= {'bleu4', 'exact_match', 'edit_accuracy'}
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last(uniform_root, tmp_path, capsys):
+    """--val_every 3 over 4 epochs (one step each): validation rows after epochs 3 and 4 (the last),
+    best.pt written by the first of them; epochs 1 and 2 save last.pt and say they did not validate."""
+    state = run(uniform_root, tmp_path, '--Adam', '--batchsz', '32', '--epochs', '4', '--val_every', '3',
+                '--val_max', '4')
+    assert state['epoch'] == 4 and state['step'] == 4
+    rows = [json.loads(line) for line in (tmp_path / 'math' / 'history.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows if 'val' in r] == [3, 4]
+    assert load(tmp_path / 'math' / 'best.pt')['epoch'] in (3, 4)
+    assert capsys.readouterr().out.count('no validation (--val_every 3)') == 2
+    with pytest.raises(SystemExit):
+        train.get_args(['--val_every', '0'])
 
 
 def test_torchrun_ctc_with_unlabeled_images(uniform_root, tmp_path):
