@@ -88,7 +88,7 @@ LEARN_ROOT = 'data/learn'
 LEARN_OUT = 'runs/learn'
 LEARN_DOMAIN = 'math'
 LEARN_N = 4000
-LEARN_BUDGET = '800'    # steps: a little less than the quick start does in its minutes on a 2-core CPU
+LEARN_BUDGET = '800'    # steps: about what the quick start does in its minutes on a 2-core CPU (~760 at 16x8)
 LEARN_TRAIN_ARGS = '--batchsz 16 --ctc 1.0 --drop_connect 0 --weight_decay 0 --dropout 0'   # SGD + OneCycle 0.3
 DIAG_BATCHES = 8                # val batches the diagnostics look at
 
