@@ -428,18 +428,19 @@ class Im2LatexModel(nn.Module):
     """EfficientNet-B0 + 2 non-local blocks encoder, transformer decoder; see the module docstring.
 
     vocab_size: V (specials <pad>=0 <sos>=1 <eos>=2 <unk>=3 first); d_model, nhead, num_layers, dim_ff,
-    dropout: decoder size; max_len: longest token sequence (positions) the decoder accepts;
-    output_stride: 8, 16 or 32, or a (rows, columns) pair of them (see _build_backbone); nonlocal_after: backbone block indexes (0..15) followed by a
-    NonLocalBlock2D; nonlocal_subsample: 2x2 max-pool of the non-local keys/values; drop_connect:
-    the backbone's stochastic-depth rate; bn_momentum: BatchNorm running-statistics momentum (torch
-    convention). efficientnet_pytorch's default, TF's 0.01, leaves the eval-mode statistics far behind
-    the weights for thousands of steps: an overfit run of 75 steps at 0.1 reached exact match 1.0 in eval
-    mode while at 0.01 it stayed near 0; 0.1 (torch's default) is used here. memory_norm: LayerNorm on the
-    encoder memory (see Encoder); ctc_frames: frames per image column of the auxiliary CTC head (0: no
-    head; see ctc_log_probs). Both are off when a checkpoint's hparams lack them, as older ones do. backbone_weights: path of a local ImageNet state_dict of
-    efficientnet_pytorch's B0 (None: random init). `hparams` holds these kwargs (JSON-able), with
-    backbone_weights set to None once the file is loaded: the weights live on in the state dict, and
-    build_model(ckpt['hparams']) must not need the file (train.py keeps the path in its args).
+    dropout: decoder size; max_len: longest token sequence (positions) the decoder accepts; output_stride:
+    8, 16 or 32, or a (rows, columns) pair of them (see _build_backbone); nonlocal_after: backbone block
+    indexes (0..15) followed by a NonLocalBlock2D; nonlocal_subsample: 2x2 max-pool of the non-local
+    keys/values; drop_connect: the backbone's stochastic-depth rate; bn_momentum: BatchNorm
+    running-statistics momentum (torch convention). efficientnet_pytorch's default, TF's 0.01, leaves the
+    eval-mode statistics far behind the weights for thousands of steps: an overfit run of 75 steps at 0.1
+    reached exact match 1.0 in eval mode while at 0.01 it stayed near 0; 0.1 (torch's default) is used here.
+    memory_norm: LayerNorm on the encoder memory (see Encoder); ctc_frames: frames per image column of the
+    auxiliary CTC head (0: no head; see ctc_log_probs). Both are off when a checkpoint's hparams lack them,
+    as older ones do. backbone_weights: path of a local ImageNet state_dict of efficientnet_pytorch's B0
+    (None: random init). `hparams` holds these kwargs (JSON-able), with backbone_weights set to None once
+    the file is loaded: the weights live on in the state dict, and build_model(ckpt['hparams']) must not
+    need the file (train.py keeps the path in its args).
     """
 
     def __init__(self, vocab_size, d_model=256, nhead=8, num_layers=3, dim_ff=1024, dropout=0.1,
