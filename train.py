@@ -730,11 +730,10 @@ class Trainer:
                     self.log(f'interrupted: saved {path} at step {self.state["step"]}; continue with --resume')
                 raise
             last = self.args.dry_run or self.budget_spent() or self.state['epoch'] + 1 >= self.n_epochs()
+            metrics = records = None                 # an epoch without validation (--val_every)
             if last or (self.state['epoch'] + 1) % self.args.val_every == 0:
                 metrics, records = self.validate(d.val_loader)
-                self.end_epoch(train_loss, metrics, records, d.val_set, time.time() - t0)
-            else:
-                self.end_epoch(train_loss, None, None, d.val_set, time.time() - t0)
+            self.end_epoch(train_loss, metrics, records, d.val_set, time.time() - t0)
             if last:
                 break
         return self.state
