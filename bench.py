@@ -1098,11 +1098,14 @@ def learn_train(args, run_dir):
                 + budget + shlex.split(args.train_args), 'training')
 
 
-def learn_eval(args, weights, split):
-    """test.py on a split with the final weights -> its metrics dict."""
+def learn_eval(args, weights, split, greedy):
+    """test.py on a split with the final weights, greedy (--beam 1: what train.py validates with, the
+    benchmark's learning figures) or with test.py's default decoding -> its metrics dict."""
+    extra, suffix = (['--beam', '1', '--tag', 'greedy'], '_greedy') if greedy else ([], '')
     _run([sys.executable, 'test.py', '--root_dir', args.learn_root, '--test_on', args.learn_domain,
-          '--out_dir', args.learn_out, '--weights', weights, '--split', split, '--cache'], f'test.py --split {split}')
-    path = os.path.join(args.learn_out, args.learn_domain, f'metrics_{args.learn_domain}_{split}.json')
+          '--out_dir', args.learn_out, '--weights', weights, '--split', split, '--cache'] + extra,
+         f'test.py --split {split}' + (' --beam 1' if greedy else ''))
+    path = os.path.join(args.learn_out, args.learn_domain, f'metrics_{args.learn_domain}_{split}{suffix}.json')
     with open(path, encoding='utf-8') as f:
         return json.load(f)
 
@@ -1223,9 +1226,10 @@ def learn_table(res):
     rows = [('recipe', res['train_args']), ('budget', json.dumps(res['budget'])),
             ('steps', str(res['steps'])),
             ('train wall / images/s', f'{res["train_wall_s"]:.0f} s / {res["images_per_s"]:.1f}')]
-    for split in ('val', 'test'):
+    for split in ('val', 'test', 'test_decoded'):
         m = res[split]
-        rows.append((f'{split} BLEU-4 / exact / edit acc',
+        name = f'test, {m["decoding"]},' if split == 'test_decoded' else f'{split}, greedy,'
+        rows.append((f'{name} BLEU-4 / exact / edit acc',
                      f'{m["bleu4"]:.2f} / {m["exact_match"]:.4f} / {m["edit_accuracy"]:.4f}'))
     rows += [('CE true / rolled / blank', f'{d["ce_true_same_batches"]:.3f} / {d["ce_shuffled"]:.3f} / {d["ce_blank"]:.3f}'
               f' (all batches: true {d["ce_true"]:.3f})'),
@@ -1253,8 +1257,9 @@ def learn(args):
            'images_per_s': train_rows[-1].get('images_per_s', 0.0) if train_rows else 0.0,
            'curve': [{k: r[k] for k in ('step', 'loss', 'ce', 'lr') if k in r} for r in train_rows],
            'val_curve': [{'step': r['step'], **r['val']} for r in val_rows]}
-    res['val'] = learn_eval(args, weights, 'val')
-    res['test'] = learn_eval(args, weights, 'test')
+    res['val'] = learn_eval(args, weights, 'val', greedy=True)
+    res['test'] = learn_eval(args, weights, 'test', greedy=True)
+    res['test_decoded'] = learn_eval(args, weights, 'test', greedy=False)   # test.py's default decoding
     model, vocab, _, _ = load_model(weights)
     val_set = data.FormulaDataset(args.learn_root, args.learn_domain, 'val', vocab=vocab, cache=True)
     loader, _ = data.make_loader(val_set, 64, shuffle=False)     # one size per batch: all of it, up to 64

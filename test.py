@@ -52,7 +52,7 @@ from tqdm import tqdm
 import data
 from checkpoint import load_model
 from metrics import METRIC_NAMES, compute_metrics, edit_distances, format_metrics
-from transformer import LENGTH_PENALTY, MAX_DECODE_LEN, decode_batch, decode_dataset, model_max_len
+from transformer import CTC_WEIGHT, LENGTH_PENALTY, MAX_DECODE_LEN, decode_batch, decode_dataset, model_max_len, uses_ctc
 from utils import (amp_context, crop_to_ink, eval_mode, flush_denormals, gather_lists, info, init_distributed,
                    pick_amp, pick_device, png_bytes, write_json, write_text)
 
@@ -61,7 +61,7 @@ from utils import (amp_context, crop_to_ink, eval_mode, flush_denormals, gather_
 OUT_DIR = 'runs'
 SPLIT = 'test'
 BATCHSZ = 32          # images per decoding batch (beam search keeps beam x this many hypotheses)
-BEAM = 1              # 1 = greedy
+BEAM = 5              # 1 = greedy; >= 2: beam search, joint with the CTC head when the model has one
 MAX_LEN = MAX_DECODE_LEN   # decoding stops after this many tokens (150)
 # LENGTH_PENALTY (transformer.py, 1.0): beam score = sum log p / ((5 + len) / 6) ** LENGTH_PENALTY (Wu et al. 2016)
 REPORT_N = 50         # samples in the --report page
@@ -205,7 +205,7 @@ def _load_for_transcription(path, how):
 
 
 def transcribe_arrays(model, vocab, arrays, beam=1, max_len=MAX_LEN, batchsz=BATCHSZ, amp_dtype=None,
-                      device='cpu', length_penalty=LENGTH_PENALTY, progress=False):
+                      device='cpu', length_penalty=LENGTH_PENALTY, progress=False, ctc_weight=0.0):
     """uint8 (H, W) images (white background) -> token lists, in order. Images of equal size are
     batched together (the model takes any size, but a batch needs one). A batch the model fails on
     (e.g. out of memory for a huge image) gives the exception in place of each of its token lists."""
@@ -222,7 +222,8 @@ def transcribe_arrays(model, vocab, arrays, beam=1, max_len=MAX_LEN, batchsz=BAT
                     try:
                         images = torch.stack([data.to_tensor(arrays[i]) for i in chunk]).to(device)  # (B, 1, H, W)
                         with amp_context(device, amp_dtype):
-                            ids, _ = decode_batch(model, images, beam, max_len, length_penalty)
+                            ids, _ = decode_batch(model, images, beam, max_len, length_penalty,
+                                                  ctc_weight=ctc_weight)
                         for i, seq in zip(chunk, ids):
                             out[i] = vocab.decode(seq)
                     except (RuntimeError, ValueError) as e:
@@ -254,7 +255,8 @@ def transcribe(args, model, vocab, device, amp_dtype, out=None):
             ok = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
             toks = transcribe_arrays(model, vocab, [loaded[i] for i in ok], beam=args.beam, max_len=args.max_len,
                                      batchsz=args.batchsz, amp_dtype=amp_dtype, device=device,
-                                     length_penalty=args.length_penalty, progress=len(paths) > args.batchsz)
+                                     length_penalty=args.length_penalty, progress=len(paths) > args.batchsz,
+                                     ctc_weight=args.ctc_weight)
             for i, t in zip(ok, toks):
                 loaded[i] = t
             for p, res in zip(chunk, loaded):
@@ -371,7 +373,12 @@ def get_args(argv=None):
                         'metrics JSON still counts them (overlap_with_train)')
 
     g = p.add_argument_group('decoding')
-    g.add_argument('--beam', type=int, default=BEAM, help='beam size (1 = greedy, cached)')
+    g.add_argument('--beam', type=int, default=BEAM,
+                   help='beam size (1 = greedy, cached; train.py validates greedily)')
+    g.add_argument('--ctc_weight', type=float, default=CTC_WEIGHT, metavar='W',
+                   help='with --beam >= 2 and a model trained with --ctc: pick among the beam\'s finished '
+                        'formulas by (1 - W) log P_attention + W log P_CTC (joint CTC-attention rescoring); '
+                        '0 = the beam\'s own best')
     g.add_argument('--length_penalty', type=float, default=LENGTH_PENALTY,
                    help='beam search ranks hypotheses by sum log p / ((5 + length) / 6) ** this (GNMT); '
                         '0 = no length normalisation')
@@ -416,6 +423,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.beam < 1:
         p.error('--beam must be >= 1')
+    if not 0.0 <= args.ctc_weight <= 1.0:
+        p.error(f'--ctc_weight is a weight in [0, 1], got {args.ctc_weight}')
     if args.batchsz < 1 or args.max_len < 1 or args.report_n < 1:
         p.error('--batchsz, --max_len and --report_n must be >= 1')
     if args.image is not None and (args.render_eval or args.report or args.score or args.exclude_overlap):
@@ -483,6 +492,13 @@ def device_name(device):
     return platform.processor() or platform.machine() or 'cpu'
 
 
+def decoding_name(model, args):
+    """'greedy', 'beam K' or 'beam K + CTC w' (the rescoring transformer.decode_batch applies)."""
+    if args.beam == 1:
+        return 'greedy'
+    return f'beam {args.beam}' + (f' + CTC {args.ctc_weight:g}' if uses_ctc(model, args.beam, args.ctc_weight) else '')
+
+
 def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights, problems=None, ckpt_meta=None,
              overlap=None, rank=0, world=1):
     """Decode the split (this rank's share; rank 0 gathers the others'), compute the metrics, print the
@@ -490,7 +506,7 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
     overlap: build_loader's counts of formulas also in train, copied into the JSON."""
     ds = loader.dataset
     overlap = overlap or {}
-    decoding = 'greedy' if args.beam == 1 else f'beam {args.beam}'
+    decoding = decoding_name(model, args)
     if rank == 0:
         info(f'{args.test_on}/{args.split}: {len(ds)} formulas' + (' not in train' if args.exclude_overlap else '')
              + f', {checkpoint} ({weights} weights), {decoding}, '
@@ -498,6 +514,7 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
     t0 = time.perf_counter()
     records = decode_dataset(model, loader, vocab, beam=args.beam, max_len=args.max_len, amp_dtype=amp_dtype,
                              device=device, length_penalty=args.length_penalty, desc=f'{args.test_on}/{args.split}',
+                             ctc_weight=args.ctc_weight,
                              progress=rank == 0)
     records = sorted(gather_lists(records, world), key=lambda r: r.index)
     elapsed = time.perf_counter() - t0
@@ -528,6 +545,7 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
         'n_dataset': len(ds), 'search_errors': search_errors,
         'domain': args.test_on, 'split': args.split, 'checkpoint': os.path.abspath(checkpoint), 'weights': weights,
         'decoding': decoding, 'beam': args.beam, 'length_penalty': args.length_penalty, 'max_len': args.max_len,
+        'ctc_weight': args.ctc_weight if uses_ctc(model, args.beam, args.ctc_weight) else 0.0,
         'time_s': round(elapsed, 3), 'formulas_per_s': round(len(records) / elapsed, 3) if elapsed > 0 else None,
         'device': str(device), 'device_name': device_name(device),
         'amp_dtype': str(amp_dtype).replace('torch.', '') if amp_dtype else None,
@@ -547,7 +565,8 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
         print(f'  (image metrics rendered with {metrics["renderer"]}: {metrics["image_n"]} scored; predictions '
               f'that did not render {metrics["render_failures_pred"]}, golds left out '
               f'{metrics["render_failures_gold"]})')
-    print(f'  search errors         {search_errors} (wrong predictions with a lower summed log-prob than the gold)')
+    print(f'  search errors         {search_errors} (wrong predictions with a lower '
+          f'{"joint score" if result["ctc_weight"] else "summed log-prob"} than the gold)')
     print(f'  {len(records) / elapsed:.1f} formulas/s on {device}' if elapsed > 0 else '')
     if problems is not None and len(problems):
         print(f'  {problems.summary()}')

@@ -42,6 +42,7 @@ from utils import (amp_context, eval_mode, flush_denormals, gather_lists, init_d
 # defaults (every one is a flag below)
 BATCHSZ = 64
 SGD_PEAK_LR = 0.3       # SGD: OneCycle's peak lr (see --initlr)
+PCT_START = 0.3         # SGD: share of the steps over which OneCycle rises to its peak
 ADAM_LR = 1e-3          # Adam: initial lr
 EPOCHS = 10
 MOMENTUM = 0.9          # SGD; OneCycle cycles it between 0.85 and this
@@ -172,7 +173,8 @@ def lr_schedule(args, step, steps_per_epoch):
     if args.Adam:
         return warm * args.initlr * args.gamma ** (step // steps_per_epoch), None
     lr, momentum = one_cycle(step, total_steps(args, steps_per_epoch), args.initlr,
-                             max_momentum=max(args.momentum, 0.85), base_momentum=0.85)
+                             max_momentum=max(args.momentum, 0.85), base_momentum=0.85,
+                             pct_start=args.pct_start)
     return warm * lr, momentum
 
 
@@ -847,6 +849,8 @@ def make_parser():
     g.add_argument('--warmup', type=int, default=WARMUP, help='steps of linear lr warm-up (0: none)')
     g.add_argument('--initlr', type=float, default=None,
                    help=f'peak lr of OneCycle (SGD) or initial lr (Adam); None: {SGD_PEAK_LR} with SGD, {ADAM_LR} with --Adam')
+    g.add_argument('--pct_start', type=float, default=PCT_START,
+                   help='SGD: share of the steps over which OneCycle rises from initlr/25 to initlr, in (0, 1)')
     g.add_argument('--Adam', action='store_true', help='Adam + exponential lr decay instead of SGD + OneCycle')
     g.add_argument('--gamma', type=float, default=ADAM_GAMMA, help='Adam: lr decay factor per epoch')
     g.add_argument('--momentum', type=float, default=MOMENTUM, help='SGD momentum (max of the OneCycle cycle)')
@@ -931,6 +935,8 @@ def get_args(argv=None):
                 '--val_every >= 1')
     if not 0.0 <= args.token_dropout <= 1.0:
         p.error(f'--token_dropout is a probability: expected a value in [0, 1], got {args.token_dropout}')
+    if not 0 < args.pct_start < 1:
+        p.error(f'--pct_start is a share of the steps: expected a value in (0, 1), got {args.pct_start}')
     if args.augment is None:
         args.augment = 1.0 if args.mean_teacher else 0.0
     if args.initlr is None:     # SGD's step is lr x a clipped (norm <= --clip) gradient: it needs a larger lr

@@ -35,6 +35,8 @@ from utils import amp_context, eval_mode
 # decoding defaults (test.py's --max_len and --length_penalty)
 MAX_DECODE_LEN = 150    # decoding stops after this many tokens
 LENGTH_PENALTY = 1.0    # beam score = sum log p / ((5 + len) / 6) ** LENGTH_PENALTY (Wu et al. 2016)
+CTC_WEIGHT = 0.5        # beam search with a CTC head: ranked by (1 - w) log P_att + w log P_ctc
+CTC_FLOOR = -1e4        # joint decoding: log P_ctc of a prefix the CTC head cannot emit
 
 # Default non-local positions (block indexes of efficientnet_pytorch's `_blocks`, 0..15):
 # after block 10 (end of stage 5, 112 ch) and block 14 (end of stage 6, 192 ch). With output stride
@@ -422,6 +424,50 @@ def _select_cache(cache, rows, upto=None):
 
 
 # -----------------------------------------------------------------------------
+# joint CTC-attention decoding
+
+class CTCPrefixScorer:
+    """CTC prefix scores for a beam search (Watanabe et al. 2017, "Hybrid CTC/Attention Architecture for
+    End-to-End Speech Recognition", Sec. IV-B and Algorithm 2), batched over hypotheses and candidates.
+    log P_CTC(h...) of a prefix h is the probability that the CTC head's frames start with h (any
+    continuation); of h + <eos>, that they emit exactly h. State of a prefix g: r (T, 2), the log-probs
+    of g emitted by frames 1..t ending in a non-blank (r[:, 0]) or in a blank (r[:, 1]).
+    log_probs (T, B, V): Im2LatexModel.ctc_log_probs of B images (blank = <pad>)."""
+
+    def __init__(self, log_probs):
+        self.x = log_probs.float()                                    # (T, B, V)
+        self.T = self.x.shape[0]
+
+    def initial(self, rows):
+        """State of the empty prefix for hypotheses of images `rows` (H,) -> r (T, H, 2)."""
+        blank = self.x[:, rows, PAD]                                  # (T, H)
+        return torch.stack([torch.full_like(blank, float('-inf')), blank.cumsum(0)], dim=-1)
+
+    def extend(self, rows, r, last, cand):
+        """Prefixes g (images rows (H,), states r (T, H, 2), last tokens last (H,), -1 when g is empty)
+        extended by each of cand (H, C) -> (psi (H, C) log P_CTC(g + c...), or log P_CTC(g) for c =
+        <eos>; new states (T, H, C, 2))."""
+        T, (H, C) = self.T, cand.shape
+        x = self.x[:, rows]                                           # (T, H, V)
+        xc = x.gather(2, cand[None].expand(T, H, C))                  # (T, H, C) log p of c per frame
+        xb = x[:, :, PAD][:, :, None]                                 # (T, H, 1)
+        ninf = torch.tensor(float('-inf'), device=x.device)
+        # phi_t: g emitted by frames 1..t, and c may start at t+1 (after a blank if c repeats g's last)
+        phi = torch.logaddexp(r[:, :, 1, None].expand(T, H, C),
+                              torch.where(cand[None] == last[None, :, None], ninf, r[:, :, 0, None]))
+        rn = torch.full((T, H, C), float('-inf'), device=x.device)
+        rb = torch.full((T, H, C), float('-inf'), device=x.device)
+        rn[0] = torch.where((last < 0)[:, None], xc[0], ninf)         # only the empty prefix starts at frame 1
+        psi = rn[0].clone()
+        for t in range(1, T):
+            rn[t] = torch.logaddexp(rn[t - 1], phi[t - 1]) + xc[t]
+            rb[t] = torch.logaddexp(rb[t - 1], rn[t - 1]) + xb[t]
+            psi = torch.logaddexp(psi, phi[t - 1] + xc[t])
+        psi = torch.where(cand == EOS, torch.logaddexp(r[-1, :, 0], r[-1, :, 1])[:, None], psi)
+        return psi, torch.stack([rn, rb], dim=-1)
+
+
+# -----------------------------------------------------------------------------
 # the model
 
 class Im2LatexModel(nn.Module):
@@ -500,6 +546,21 @@ class Im2LatexModel(nn.Module):
         cols = content.mean(dim=1)                                    # (B, w, d)
         frames = self.ctc_head(cols).reshape(b, w * self.hparams['ctc_frames'], self.vocab_size)  # (B, T, V)
         return frames.float().log_softmax(-1).transpose(0, 1)         # (T, B, V)
+
+    @staticmethod
+    def ctc_sequence_logprob(log_probs, ids, rows=None):
+        """log P_CTC(ids[n] | image rows[n]) (N,) float32: the CTC head's probability of each token list,
+        summed over all its alignments to the frames (the forward algorithm of F.ctc_loss); -inf for a list
+        that no alignment can emit (more tokens, counting the blanks between repeats, than frames).
+        log_probs (T, B, V) from ctc_log_probs; ids: N lists of token ids (no <sos>/<eos>/<pad>);
+        rows: the image (column of log_probs) of each list, default 0..N-1."""
+        rows = list(range(len(ids))) if rows is None else list(rows)
+        lp = log_probs[:, torch.as_tensor(rows, dtype=torch.long, device=log_probs.device)].float()  # (T, N, V)
+        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long)
+        lengths = torch.tensor([len(seq) for seq in ids], dtype=torch.long)
+        frames = torch.full((len(ids),), lp.shape[0], dtype=torch.long)
+        nll = F.ctc_loss(lp, flat.to(lp.device), frames, lengths, blank=PAD, reduction='none', zero_infinity=False)
+        return -nll.float().cpu()
 
     # --- decoding -----------------------------------------------------------
     def _choice_mask(self, ignore_eos, device):
@@ -586,20 +647,26 @@ class Im2LatexModel(nn.Module):
 
     @torch.no_grad()
     def beam_search_nbest(self, images=None, memory=None, beam=5, max_len=MAX_DECODE_LEN,
-                          length_penalty=LENGTH_PENALTY, ignore_eos=False):
+                          length_penalty=LENGTH_PENALTY, ignore_eos=False, ctc_log_probs=None, ctc_weight=0.0):
         """As beam_search, but returns for each image its finished hypotheses (at most `beam`) sorted by
-        score, best first: a list of (score, summed log-prob, ids) per image."""
+        score, best first: a list of (score, summed log-prob, ids) per image.
+        With ctc_log_probs (T, B, V) and ctc_weight w > 0: one-pass joint CTC-attention decoding
+        (Watanabe et al. 2017, Sec. IV-B): every live hypothesis is extended by its ceil(1.5 k) likeliest
+        tokens, ranked by (1 - w) log P_att + w log P_CTC (CTCPrefixScorer); the summed log-prob is then
+        that joint score."""
         self._check_max_len(max_len)
         if beam < 1:
             raise ValueError(f'beam={beam}: must be >= 1')
+        ctc = (ctc_weight, CTCPrefixScorer(ctc_log_probs)) if ctc_log_probs is not None and ctc_weight > 0 else None
         with eval_mode(self):
-            return self._beam(self._memory(images, memory), beam, max_len, length_penalty, ignore_eos)
+            return self._beam(self._memory(images, memory), beam, max_len, length_penalty, ignore_eos, ctc)
 
-    def _beam(self, memory, k, max_len, alpha, ignore_eos):
+    def _beam(self, memory, k, max_len, alpha, ignore_eos, ctc=None):
         """Beam search in the manner of fairseq's sequence generator: at each step the 2k best
         continuations of the k live hypotheses of each image; those ending in <eos> among the top k are
         finished (scored with the length penalty), the k best not ending in <eos> live on. An image is
-        done when it has k finished hypotheses; at max_len the live ones are finished as they are."""
+        done when it has k finished hypotheses; at max_len the live ones are finished as they are.
+        ctc: None, or (weight, CTCPrefixScorer) for joint scores (see _joint_candidates)."""
         b, device = memory.shape[0], memory.device
         v = self.vocab_size
         choice_mask = self._choice_mask(ignore_eos, device)
@@ -611,13 +678,20 @@ class Im2LatexModel(nn.Module):
         tok = torch.full((b * k,), SOS, dtype=torch.long, device=device)
         finished = [[] for _ in range(b)]                              # per image: (score, logp, ids)
         n_cand = min(2 * k, k * v)
+        if ctc is not None:    # joint: att = summed attention log-probs, r = CTC prefix states
+            att = scores.clone()                                       # (N, k)
+            r = ctc[1].initial(torch.arange(b, device=device).repeat_interleave(k))   # (T, N*k, 2)
+            n_cand = min(2 * k, k * min(v, math.ceil(1.5 * k)))
         for t in range(max_len):
             n = len(images)
             logits = self.decoder.step(tok, t, cache)                  # (N*k, V)
             logp = F.log_softmax(logits.float(), dim=-1) + choice_mask  # (N*k, V)
-            cand = (scores[:, :, None] + logp.view(n, k, v)).view(n, k * v)  # (N, k*V)
-            top, idx = cand.topk(n_cand, dim=1)                        # (N, 2k), best first
-            origin, token = idx // v, idx % v                          # beam of origin, new token
+            if ctc is None:
+                cand = (scores[:, :, None] + logp.view(n, k, v)).view(n, k * v)  # (N, k*V)
+                top, idx = cand.topk(n_cand, dim=1)                    # (N, 2k), best first
+                origin, token = idx // v, idx % v                      # beam of origin, new token
+            else:
+                top, origin, token, att, r = self._joint_candidates(ctc, images, att, r, logp, hist, n_cand)
             is_eos = token == EOS
             ended = is_eos[:, :k] & torch.isfinite(top[:, :k])
             if ended.any():
@@ -631,6 +705,9 @@ class Im2LatexModel(nn.Module):
             order = torch.sort(is_eos.to(torch.uint8), dim=1, stable=True).indices[:, :k]   # (N, k)
             scores = top.gather(1, order)                              # (N, k)
             origin, token = origin.gather(1, order), token.gather(1, order)
+            if ctc is not None:
+                att = att.gather(1, order)                             # (N, k)
+                r = r[:, (torch.arange(n, device=device)[:, None] * n_cand + order).view(-1)]  # (T, N*k, 2)
             hist = torch.cat([hist.gather(1, origin[:, :, None].expand(-1, -1, t)),
                               token[:, :, None]], dim=2)               # (N, k, t+1)
             rows = (torch.arange(n, device=device)[:, None] * k + origin).view(-1)   # (N*k,)
@@ -653,7 +730,36 @@ class Im2LatexModel(nn.Module):
                 rows = (keep_t[:, None] * k + torch.arange(k, device=device)).view(-1)  # (N'*k,)
                 tok = tok[rows]
                 _select_cache(cache, rows)
+                if ctc is not None:
+                    att, r = att[keep_t], r[:, rows]
         return [sorted(hyps, key=lambda h: -h[0])[:k] for hyps in finished]
+
+    @staticmethod
+    def _joint_candidates(ctc, images, att, r, logp, hist, n_cand):
+        """One step of joint decoding for N live images x k hypotheses: each hypothesis's ceil(1.5 k)
+        likeliest next tokens by attention (the pre-beam; rows whose hypothesis is dead stay -inf), scored
+        by (1 - w) (att + log p_att(c)) + w log P_CTC(g + c...) -> the n_cand best per image, best first:
+        (joint scores (N, n_cand), beam of origin (N, n_cand), token (N, n_cand), their attention sums
+        (N, n_cand), their CTC states (T, N*n_cand, 2))."""
+        w, scorer = ctc
+        n, k = att.shape
+        c = min(logp.shape[1], math.ceil(1.5 * k))
+        pre_lp, pre = logp.topk(c, dim=1)                              # (N*k, C)
+        last = hist[:, :, -1].reshape(-1) if hist.shape[2] else torch.full((n * k,), -1, device=logp.device)
+        rows = torch.tensor(images, device=logp.device).repeat_interleave(k)   # (N*k,) image of each row
+        psi, r_new = scorer.extend(rows, r, last, pre)                 # (N*k, C), (T, N*k, C, 2)
+        att_c = att.reshape(-1, 1) + pre_lp                            # (N*k, C)
+        # a prefix CTC cannot emit (more tokens than frames) keeps a finite floor: ranked below every
+        # one it can, by attention among themselves, so a beam never runs out of hypotheses
+        joint = torch.where(torch.isfinite(att_c), (1 - w) * att_c + w * psi.clamp_min(CTC_FLOOR),
+                            att_c)                                     # -inf where the hypothesis is dead
+        top, idx = joint.view(n, k * c).topk(n_cand, dim=1)            # (N, n_cand)
+        origin, j = idx // c, idx % c
+        flat = (torch.arange(n, device=logp.device)[:, None] * k + origin) * c + j           # (N, n_cand)
+        token = pre.view(-1).gather(0, flat.view(-1)).view(n, n_cand)
+        att_top = att_c.view(-1).gather(0, flat.view(-1)).view(n, n_cand)
+        r_top = r_new.reshape(r_new.shape[0], -1, 2)[:, flat.view(-1)]  # (T, N*n_cand, 2)
+        return top, origin, token, att_top, r_top
 
     @torch.no_grad()
     def sequence_logprob(self, images, tgt, length_penalty=None, memory=None):
@@ -744,17 +850,46 @@ def model_max_len(model):
     return int(getattr(model, 'hparams', {}).get('max_len', 10 ** 9))
 
 
-def decode_batch(model, images=None, beam=1, max_len=MAX_DECODE_LEN, length_penalty=LENGTH_PENALTY, memory=None):
-    """(B, 1, H, W) images of one size (or their memory) -> (id lists without SOS/EOS, (B,) summed
-    log-probs of them, <eos> included when emitted). Greedy (cached) for beam 1, else beam search, which
-    picks by the length-normalised score but returns the plain sum here: the scale of score_gold."""
+def uses_ctc(model, beam, ctc_weight):
+    """Whether decode_batch rescores with the CTC head: a beam of 2 or more, a weight > 0 and a model
+    that has the head (one trained with --ctc)."""
+    return beam > 1 and ctc_weight > 0 and getattr(model, 'ctc_head', None) is not None
+
+
+def joint_score(att_logp, ctc_logp, ctc_weight):
+    """(1 - w) log P_att + w log P_ctc, elementwise (Watanabe et al. 2017, "Hybrid CTC/Attention
+    Architecture for End-to-End Speech Recognition", eq. 46), log P_ctc floored at CTC_FLOOR as in the
+    joint beam search (a formula with more tokens than the CTC head has frames): the score of a gold
+    formula on the scale of the joint search's."""
+    att, ctc = torch.as_tensor(att_logp, dtype=torch.float32), torch.as_tensor(ctc_logp, dtype=torch.float32)
+    return (1 - ctc_weight) * att + ctc_weight * ctc.clamp_min(CTC_FLOOR)
+
+
+def decode_batch(model, images=None, beam=1, max_len=MAX_DECODE_LEN, length_penalty=LENGTH_PENALTY, memory=None,
+                 ctc_weight=0.0, ctc_log_probs=None):
+    """(B, 1, H, W) images of one size (or their memory) -> (id lists without SOS/EOS, (B,) scores).
+    Greedy (cached) for beam 1, else beam search, which picks by the length-normalised score; the score
+    returned is the plain summed log-prob (<eos> included when emitted), the scale of score_gold.
+    With uses_ctc(model, beam, ctc_weight): one-pass joint CTC-attention beam search (see
+    Im2LatexModel.beam_search_nbest), and the score is the joint (1 - w) log P_att + w log P_CTC.
+    The CTC head's alignment is monotonic, which mends the attention decoder's dropped and repeated
+    symbols. ctc_log_probs (T, B, V): the head's output for these images (computed from the images when
+    None; a memory alone cannot give it, its positions are added)."""
     if beam <= 1:
         return model.greedy(images=images, memory=memory, max_len=max_len)
+    joint = {}
+    if uses_ctc(model, beam, ctc_weight):
+        if ctc_log_probs is None:
+            if images is None:
+                raise ValueError('joint CTC decoding from a memory needs ctc_log_probs')
+            with eval_mode(model):
+                content = model.encoder.content(images)
+                memory, ctc_log_probs = model.encoder.memory(content), model.ctc_log_probs(content)
+        joint = dict(ctc_log_probs=ctc_log_probs, ctc_weight=ctc_weight)
     best = model.beam_search_nbest(images=images, memory=memory, beam=beam, max_len=max_len,
-                                   length_penalty=length_penalty)
-    ids = [hyps[0][2] for hyps in best]                      # hyps: (score, summed log-prob, ids), best first
-    logp = torch.tensor([hyps[0][1] for hyps in best], dtype=torch.float32)
-    return ids, logp
+                                   length_penalty=length_penalty, **joint)
+    ids = [hyps[0][2] if hyps else [] for hyps in best]      # hyps: (score, summed log-prob, ids), best first
+    return ids, torch.tensor([hyps[0][1] if hyps else math.nan for hyps in best], dtype=torch.float32)
 
 
 def gold_logprob(model, tgt, memory):
@@ -775,12 +910,23 @@ def _decode_micro_batch(model, mb, vocab, gold_tokens, device, amp_dtype, gold_s
     """One micro-batch of data.collate (one image size) -> its Records, in batch order."""
     images = mb['images'].to(device, non_blocking=True)
     indices = mb['indices'].tolist()
+    joint = uses_ctc(model, decoding['beam'], decoding.get('ctc_weight', 0.0))
     with amp_context(device, amp_dtype):
-        memory = model.encode(images)                  # (B, S, d_model), shared by both scores
-        ids, score_pred = decode_batch(model, memory=memory, **decoding)
+        if joint:
+            content = model.encoder.content(images)    # (B, h, w, d_model)
+            memory = model.encoder.memory(content)     # (B, S, d_model), shared by both scores
+            ctc_lp = model.ctc_log_probs(content)      # (T, B, V)
+        else:
+            memory, ctc_lp = model.encode(images), None
+        ids, score_pred = decode_batch(model, memory=memory, ctc_log_probs=ctc_lp, **decoding)
         score_gold = None
         if gold_scores and mb.get('tgt') is not None:
-            score_gold = gold_logprob(model, mb['tgt'].to(device, non_blocking=True), memory)
+            tgt = mb['tgt'].to(device, non_blocking=True)
+            score_gold = gold_logprob(model, tgt, memory)
+            if joint:                                  # on the scale of the joint score_pred
+                gold_ids = [[t for t in row if t > EOS] for row in tgt.tolist()]
+                score_gold = joint_score(score_gold, model.ctc_sequence_logprob(ctc_lp, gold_ids),
+                                         decoding['ctc_weight'])
     score_pred = score_pred.float().tolist()
     score_gold = score_gold.float().tolist() if score_gold is not None else [math.nan] * len(indices)
     records = []
@@ -797,7 +943,7 @@ def _decode_micro_batch(model, mb, vocab, gold_tokens, device, amp_dtype, gold_s
 
 @torch.no_grad()
 def decode_dataset(model, loader, vocab, beam=1, max_len=MAX_DECODE_LEN, amp_dtype=None, device=None, *,
-                   progress=True, gold_scores=True, length_penalty=LENGTH_PENALTY, desc='decode'):
+                   progress=True, gold_scores=True, length_penalty=LENGTH_PENALTY, desc='decode', ctc_weight=0.0):
     """Decode every sample of `loader` (data.make_loader over a FormulaDataset, shuffle off or on)
     -> list of Record(index, gold tokens, pred tokens, score_pred, score_gold) sorted by index.
 
@@ -807,7 +953,7 @@ def decode_dataset(model, loader, vocab, beam=1, max_len=MAX_DECODE_LEN, amp_dty
     The model is put in eval mode for the call and then back in its previous mode."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     decoding = dict(beam=beam, max_len=min(max_len, model_max_len(model)),   # no more than its positions
-                    length_penalty=length_penalty)
+                    length_penalty=length_penalty, ctc_weight=ctc_weight)
     dataset = loader.dataset
     gold_tokens = getattr(dataset, 'tokens', None)
     records = []

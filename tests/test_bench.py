@@ -137,11 +137,15 @@ def test_learn_benchmark_tiny_budget(tmp_path):
     res = bench.main(['--learn', '--budget', '12', '--learn_n', '40', '--learn_root', str(tmp_path / 'set'),
                       '--learn_out', str(tmp_path / 'out'), '--train_args', tiny])
     saved = json.loads((tmp_path / 'out' / 'learn.json').read_text())
-    assert set(saved) >= {'meta', 'train_args', 'budget', 'steps', 'curve', 'val_curve', 'val', 'test',
+    assert set(saved) >= {'meta', 'train_args', 'budget', 'steps', 'curve', 'val_curve', 'val', 'test', 'test_decoded',
                           'diagnostics', 'images_per_s', 'train_wall_s', 'wall_s'}
     assert saved['budget'] == {'steps': 12} and saved['steps'] == 12 and res['steps'] == 12
-    for split in ('val', 'test'):
+    for split in ('val', 'test', 'test_decoded'):
         assert set(saved[split]) >= {'bleu4', 'exact_match', 'edit_accuracy'} and saved[split]['n'] == 4
+    # the learning figures are greedy (as train.py validates); test.py's default decoding beside them is
+    # the joint CTC-attention beam, since the recipe trains the CTC head
+    assert saved['val']['decoding'] == saved['test']['decoding'] == 'greedy'
+    assert saved['test_decoded']['decoding'] == 'beam 5 + CTC 0.5' and saved['test_decoded']['ctc_weight'] == 0.5
     curve = saved['curve']
     assert len(curve) == 12 and curve[-1]['ce'] < curve[0]['ce']
     d = saved['diagnostics']

@@ -260,8 +260,9 @@ def _direct(model, vocab, arrays, max_len=MAX_LEN):
 
 
 def _run_eval(tiny_root, ckpt, out_dir, *extra):
+    """test.py on the tiny set, greedy (the expectations below are greedy) unless `extra` gives --beam."""
     return ev.main(['--root_dir', tiny_root, '--test_on', 'math', '--weights', ckpt, '--out_dir', str(out_dir),
-                    '--max_len', str(MAX_LEN), '--batchsz', '8', '--device', 'cpu', *extra])
+                    '--max_len', str(MAX_LEN), '--batchsz', '8', '--device', 'cpu', '--beam', '1', *extra])
 
 
 def test_mean_teacher_selects_the_teacher(tiny_root, tiny_ckpts, tmp_path, capsys):
@@ -398,7 +399,7 @@ def test_image_transcription_of_a_mixed_folder(tiny_ckpts, tmp_path, capsys):
     missing = tmp_path / 'missing.png'
 
     code = ev.main(['--weights', tiny_ckpts['plain'], '--image', str(missing), str(folder),
-                    '--max_len', str(MAX_LEN), '--device', 'cpu'])
+                    '--max_len', str(MAX_LEN), '--device', 'cpu', '--beam', '1'])
     out = capsys.readouterr().out.splitlines()
     assert code == 1
     names = ['a_rgb.png', 'b_rgba.png', 'c.jpg', 'd_16bit.png', 'e_corrupt.png', os.path.join('sub', 'f_palette.gif')]
@@ -424,7 +425,7 @@ def test_image_transcription_all_good_exits_zero_and_uses_the_teacher(tiny_ckpts
         Image.fromarray(_draw(i)).save(p)
         paths.append(str(p))
     code = ev.main(['--weights', tiny_ckpts['mt'], '--mean_teacher', '--image', *paths, '--preprocess', 'none',
-                    '--max_len', str(MAX_LEN), '--device', 'cpu'])
+                    '--max_len', str(MAX_LEN), '--device', 'cpu', '--beam', '1'])
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     vocab = data.Vocab(tiny_ckpts['itos'])

@@ -13,7 +13,8 @@ from torch import nn
 from data import EOS, PAD, SOS, UNK
 from non_local_emb_gaussian import NonLocalBlock2D
 from checkpoint import load_checkpoint
-from transformer import Im2LatexModel, build_model, extend_vocab, gnmt_length_penalty
+from transformer import (CTCPrefixScorer, Im2LatexModel, build_model, decode_batch, extend_vocab,
+                         gnmt_length_penalty, uses_ctc)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -573,3 +574,87 @@ def test_memory_norm_and_ctc_default_off_for_old_hparams():
 def transformer_positions(h, w):
     from transformer import sinusoid_2d
     return sinusoid_2d(h, w, SMALL['d_model'])
+
+
+# -----------------------------------------------------------------------------
+# joint CTC-attention decoding
+
+def _ctc_logprob(lp, b, ids):
+    """log P_CTC(ids | column b of lp (T, B, V)) by F.ctc_loss (blank = <pad>)."""
+    tgt = torch.tensor([ids], dtype=torch.long) if ids else torch.zeros(1, 0, dtype=torch.long)
+    return -nn.functional.ctc_loss(lp[:, b:b + 1], tgt, torch.tensor([lp.shape[0]]), torch.tensor([len(ids)]),
+                                   blank=PAD, reduction='sum').item()
+
+
+def test_ctc_prefix_scores_equal_ctc_loss_and_the_sum_over_continuations():
+    """Extended token by token (with a repeat), the <eos> column is log P_CTC of exactly the prefix
+    (F.ctc_loss), and a prefix's score is the log of the summed probabilities of every formula that
+    starts with it (brute force over the 3 tokens with mass, up to T tokens)."""
+    torch.manual_seed(7)
+    T, B, V = 6, 2, 6
+    lp = torch.randn(T, B, V)
+    lp[:, :, [SOS, EOS, UNK]] = -1e9                 # mass on the blank and tokens 4, 5 only
+    lp = lp.log_softmax(-1)
+    scorer = CTCPrefixScorer(lp)
+    for b in range(B):
+        seq = [4, 4, 5]
+        r, last = scorer.initial(torch.tensor([b])), torch.tensor([-1])
+        for i in range(len(seq) + 1):
+            cand = torch.tensor([[seq[i] if i < len(seq) else 5, EOS]])
+            psi, states = scorer.extend(torch.tensor([b]), r, last, cand)
+            assert psi[0, 1].item() == pytest.approx(_ctc_logprob(lp, b, seq[:i]), abs=1e-4)
+            prefix = seq[:i] + [int(cand[0, 0])]
+            total = torch.logsumexp(torch.tensor(
+                [_ctc_logprob(lp, b, prefix + list(tail)) for n in range(T - len(prefix) + 1)
+                 for tail in itertools.product((4, 5), repeat=n)]), 0).item()
+            assert psi[0, 0].item() == pytest.approx(total, abs=1e-4)
+            if i < len(seq):
+                r, last = states[:, :, 0], torch.tensor([seq[i]])
+
+
+def test_joint_beam_scores_are_the_joint_log_probs_and_rank_exhaustively():
+    """A beam wide enough for every hypothesis (tiny vocab, 3 steps): each finished hypothesis's summed
+    score is (1 - w) log P_att + w log P_CTC recomputed by teacher forcing and F.ctc_loss, the list is in
+    the order of brute-force joint scoring, and w = 0 ranks as the plain beam does."""
+    torch.manual_seed(8)
+    model = Im2LatexModel(6, d_model=32, nhead=4, num_layers=2, dim_ff=64, ctc_frames=2).eval()
+    memory = torch.randn(2, 5, 32)
+    lp = torch.randn(8, 2, 6).log_softmax(-1)        # (T, B, V) CTC frames
+    max_len, alpha, w = 3, 1.0, 0.5
+    for b in range(2):
+        nbest = model.beam_search_nbest(memory=memory[b:b + 1], beam=40, max_len=max_len, length_penalty=alpha,
+                                        ctc_log_probs=lp[:, b:b + 1], ctc_weight=w)[0]
+        assert len(nbest) == 40
+        for score, logp, ids in nbest:
+            ended = len(ids) < max_len
+            att = model.sequence_logprob(None, torch.tensor([[SOS] + ids + ([EOS] if ended else [])]),
+                                         memory=memory[b:b + 1]).item()
+            ctc = _ctc_logprob(lp, b, ids)
+            if ended:
+                assert logp == pytest.approx((1 - w) * att + w * ctc, abs=1e-3)
+                n = len(ids) + 1
+                assert score == pytest.approx(logp / gnmt_length_penalty(n, alpha), abs=1e-3)
+        assert [h[0] for h in nbest] == sorted((h[0] for h in nbest), reverse=True)
+        plain = model.beam_search_nbest(memory=memory[b:b + 1], beam=40, max_len=max_len, length_penalty=alpha)[0]
+        zero = model.beam_search_nbest(memory=memory[b:b + 1], beam=40, max_len=max_len, length_penalty=alpha,
+                                       ctc_log_probs=lp[:, b:b + 1], ctc_weight=1e-9)[0]
+        assert [h[2] for h in zero] == [h[2] for h in plain]
+
+
+def test_joint_decoding_batched_equals_alone_and_survives_too_few_frames():
+    """decode_batch with the CTC head: a batch gives each image what it gives alone; with 2 frames for up to
+    12 tokens (CTC cannot emit longer prefixes) every image still gets a formula."""
+    torch.manual_seed(9)
+    model = Im2LatexModel(12, d_model=32, nhead=4, num_layers=1, dim_ff=64, ctc_frames=2).eval()
+    memory = torch.randn(3, 6, 32)
+    for frames in (10, 2):
+        lp = torch.randn(frames, 3, 12).log_softmax(-1)
+        ids, sc = decode_batch(model, memory=memory, beam=4, max_len=12, ctc_weight=0.5, ctc_log_probs=lp)
+        assert len(ids) == 3 and torch.isfinite(sc).all()
+        for b in range(3):
+            one, s1 = decode_batch(model, memory=memory[b:b + 1], beam=4, max_len=12, ctc_weight=0.5,
+                                   ctc_log_probs=lp[:, b:b + 1])
+            assert one[0] == ids[b] and s1[0].item() == pytest.approx(sc[b].item(), abs=1e-4)
+    assert uses_ctc(model, 4, 0.5) and not uses_ctc(model, 1, 0.5) and not uses_ctc(model, 4, 0.0)
+    with pytest.raises(ValueError, match='ctc_log_probs'):
+        decode_batch(model, memory=memory, beam=4, max_len=5, ctc_weight=0.5)

@@ -179,6 +179,22 @@ def test_onecycle_schedule_expected_lr():
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]['nesterov']
 
 
+def test_pct_start_moves_the_peak_and_is_checked():
+    """--pct_start 0.5: the lr peaks at step 49 of 100 (not 29) and still starts and ends where it did."""
+    args, opt, sched = schedule(['--initlr', '0.1', '--epochs', '10', '--pct_start', '0.5'], steps_per_epoch=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    assert int(np.argmax(lrs)) == 49 and max(lrs) == pytest.approx(0.1)
+    assert lrs[0] == pytest.approx(0.1 / 25) and lrs[-1] == pytest.approx(0.1 / 25 / 1e4, rel=0.5)
+    assert lrs[20] < 0.6 * 0.1                                # still rising at 20%, where 0.3 would be near 0.1
+    for bad in ('0', '1', '-0.2', '1.5'):
+        with pytest.raises(SystemExit):
+            train.get_args(['--pct_start', bad])
+
+
 def test_initlr_default_depends_on_the_optimizer():
     """SGD's OneCycle peak and Adam's initial lr have their own defaults; a given --initlr wins."""
     assert train.get_args([]).initlr == train.SGD_PEAK_LR == 0.3
