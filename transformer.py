@@ -851,14 +851,14 @@ def model_max_len(model):
 
 
 def uses_ctc(model, beam, ctc_weight):
-    """Whether decode_batch rescores with the CTC head: a beam of 2 or more, a weight > 0 and a model
-    that has the head (one trained with --ctc)."""
+    """Whether decode_batch decodes jointly with the CTC head: a beam of 2 or more, a weight > 0 and a
+    model that has the head (one trained with --ctc)."""
     return beam > 1 and ctc_weight > 0 and getattr(model, 'ctc_head', None) is not None
 
 
 def joint_score(att_logp, ctc_logp, ctc_weight):
     """(1 - w) log P_att + w log P_ctc, elementwise (Watanabe et al. 2017, "Hybrid CTC/Attention
-    Architecture for End-to-End Speech Recognition", eq. 46), log P_ctc floored at CTC_FLOOR as in the
+    Architecture for End-to-End Speech Recognition", Sec. IV), log P_ctc floored at CTC_FLOOR as in the
     joint beam search (a formula with more tokens than the CTC head has frames): the score of a gold
     formula on the scale of the joint search's."""
     att, ctc = torch.as_tensor(att_logp, dtype=torch.float32), torch.as_tensor(ctc_logp, dtype=torch.float32)
