@@ -376,9 +376,9 @@ def get_args(argv=None):
     g.add_argument('--beam', type=int, default=BEAM,
                    help='beam size (1 = greedy, cached; train.py validates greedily)')
     g.add_argument('--ctc_weight', type=float, default=CTC_WEIGHT, metavar='W',
-                   help='with --beam >= 2 and a model trained with --ctc: pick among the beam\'s finished '
-                        'formulas by (1 - W) log P_attention + W log P_CTC (joint CTC-attention rescoring); '
-                        '0 = the beam\'s own best')
+                   help='with --beam >= 2 and a model trained with --ctc: the beam ranks its hypotheses at '
+                        'every step by (1 - W) log P_attention + W log P_CTC of the prefix (joint CTC-attention '
+                        'decoding); 0 = attention only')
     g.add_argument('--length_penalty', type=float, default=LENGTH_PENALTY,
                    help='beam search ranks hypotheses by sum log p / ((5 + length) / 6) ** this (GNMT); '
                         '0 = no length normalisation')
@@ -493,7 +493,7 @@ def device_name(device):
 
 
 def decoding_name(model, args):
-    """'greedy', 'beam K' or 'beam K + CTC w' (the rescoring transformer.decode_batch applies)."""
+    """'greedy', 'beam K' or 'beam K + CTC w' (the joint decoding of transformer.decode_batch)."""
     if args.beam == 1:
         return 'greedy'
     return f'beam {args.beam}' + (f' + CTC {args.ctc_weight:g}' if uses_ctc(model, args.beam, args.ctc_weight) else '')
