@@ -52,7 +52,8 @@ from tqdm import tqdm
 import data
 from checkpoint import load_model
 from metrics import METRIC_NAMES, compute_metrics, edit_distances, format_metrics
-from transformer import CTC_WEIGHT, LENGTH_PENALTY, MAX_DECODE_LEN, decode_batch, decode_dataset, model_max_len, uses_ctc
+from transformer import (CTC_WEIGHT, LENGTH_PENALTY, MAX_DECODE_LEN, decode_batch, decode_dataset, model_max_len,
+                         uses_ctc)
 from utils import (amp_context, crop_to_ink, eval_mode, flush_denormals, gather_lists, info, init_distributed,
                    pick_amp, pick_device, png_bytes, write_json, write_text)
 
