@@ -547,6 +547,12 @@ class Im2LatexModel(nn.Module):
         frames = self.ctc_head(cols).reshape(b, w * self.hparams['ctc_frames'], self.vocab_size)  # (B, T, V)
         return frames.float().log_softmax(-1).transpose(0, 1)         # (T, B, V)
 
+    def encode_joint(self, images):
+        """One encoder pass for joint decoding: (B, 1, H, W) -> (memory (B, S, d_model), CTC log-probs
+        (T, B, V)); the CTC head reads the content before the positions are added."""
+        content = self.encoder.content(images)                      # (B, h, w, d)
+        return self.encoder.memory(content), self.ctc_log_probs(content)
+
     @staticmethod
     def ctc_sequence_logprob(log_probs, ids, rows=None):
         """log P_CTC(ids[n] | image rows[n]) (N,) float32: the CTC head's probability of each token list,
@@ -749,10 +755,7 @@ class Im2LatexModel(nn.Module):
         rows = torch.tensor(images, device=logp.device).repeat_interleave(k)   # (N*k,) image of each row
         psi, r_new = scorer.extend(rows, r, last, pre)                 # (N*k, C), (T, N*k, C, 2)
         att_c = att.reshape(-1, 1) + pre_lp                            # (N*k, C)
-        # a prefix CTC cannot emit (more tokens than frames) keeps a finite floor: ranked below every
-        # one it can, by attention among themselves, so a beam never runs out of hypotheses
-        joint = torch.where(torch.isfinite(att_c), (1 - w) * att_c + w * psi.clamp_min(CTC_FLOOR),
-                            att_c)                                     # -inf where the hypothesis is dead
+        joint = joint_score(att_c, psi, w)                             # (N*k, C), -inf where the hypothesis is dead
         top, idx = joint.view(n, k * c).topk(n_cand, dim=1)            # (N, n_cand)
         origin, j = idx // c, idx % c
         flat = (torch.arange(n, device=logp.device)[:, None] * k + origin) * c + j           # (N, n_cand)
@@ -858,11 +861,13 @@ def uses_ctc(model, beam, ctc_weight):
 
 def joint_score(att_logp, ctc_logp, ctc_weight):
     """(1 - w) log P_att + w log P_ctc, elementwise (Watanabe et al. 2017, "Hybrid CTC/Attention
-    Architecture for End-to-End Speech Recognition", Sec. IV), log P_ctc floored at CTC_FLOOR as in the
-    joint beam search (a formula with more tokens than the CTC head has frames): the score of a gold
-    formula on the scale of the joint search's."""
+    Architecture for End-to-End Speech Recognition", Sec. IV): the joint beam search's ranking and the gold
+    formula's score on its scale. log P_ctc is floored at CTC_FLOOR: a formula (or prefix) with more tokens
+    than the CTC head has frames is ranked below every one it can emit, by attention among themselves, so a
+    beam never runs out of hypotheses. Where log P_att is not finite (a dead hypothesis, a gold formula too
+    long for the decoder) it is kept as it is."""
     att, ctc = torch.as_tensor(att_logp, dtype=torch.float32), torch.as_tensor(ctc_logp, dtype=torch.float32)
-    return (1 - ctc_weight) * att + ctc_weight * ctc.clamp_min(CTC_FLOOR)
+    return torch.where(torch.isfinite(att), (1 - ctc_weight) * att + ctc_weight * ctc.clamp_min(CTC_FLOOR), att)
 
 
 def decode_batch(model, images=None, beam=1, max_len=MAX_DECODE_LEN, length_penalty=LENGTH_PENALTY, memory=None,
@@ -883,8 +888,7 @@ def decode_batch(model, images=None, beam=1, max_len=MAX_DECODE_LEN, length_pena
             if images is None:
                 raise ValueError('joint CTC decoding from a memory needs ctc_log_probs')
             with eval_mode(model):
-                content = model.encoder.content(images)
-                memory, ctc_log_probs = model.encoder.memory(content), model.ctc_log_probs(content)
+                memory, ctc_log_probs = model.encode_joint(images)
         joint = dict(ctc_log_probs=ctc_log_probs, ctc_weight=ctc_weight)
     best = model.beam_search_nbest(images=images, memory=memory, beam=beam, max_len=max_len,
                                    length_penalty=length_penalty, **joint)
@@ -912,12 +916,8 @@ def _decode_micro_batch(model, mb, vocab, gold_tokens, device, amp_dtype, gold_s
     indices = mb['indices'].tolist()
     joint = uses_ctc(model, decoding['beam'], decoding.get('ctc_weight', 0.0))
     with amp_context(device, amp_dtype):
-        if joint:
-            content = model.encoder.content(images)    # (B, h, w, d_model)
-            memory = model.encoder.memory(content)     # (B, S, d_model), shared by both scores
-            ctc_lp = model.ctc_log_probs(content)      # (T, B, V)
-        else:
-            memory, ctc_lp = model.encode(images), None
+        # memory (B, S, d_model), shared by both scores; CTC log-probs (T, B, V) for joint decoding
+        memory, ctc_lp = model.encode_joint(images) if joint else (model.encode(images), None)
         ids, score_pred = decode_batch(model, memory=memory, ctc_log_probs=ctc_lp, **decoding)
         score_gold = None
         if gold_scores and mb.get('tgt') is not None:
