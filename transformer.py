@@ -448,15 +448,14 @@ class CTCPrefixScorer:
         extended by each of cand (H, C) -> (psi (H, C) log P_CTC(g + c...), or log P_CTC(g) for c =
         <eos>; new states (T, H, C, 2))."""
         T, (H, C) = self.T, cand.shape
-        x = self.x[:, rows]                                           # (T, H, V)
-        xc = x.gather(2, cand[None].expand(T, H, C))                  # (T, H, C) log p of c per frame
-        xb = x[:, :, PAD][:, :, None]                                 # (T, H, 1)
-        ninf = torch.tensor(float('-inf'), device=x.device)
+        xc = self.x[:, rows[:, None].expand(H, C), cand]              # (T, H, C) log p of c per frame
+        xb = self.x[:, rows, PAD][:, :, None]                         # (T, H, 1)
+        ninf = torch.tensor(float('-inf'), device=xc.device)
         # phi_t: g emitted by frames 1..t, and c may start at t+1 (after a blank if c repeats g's last)
         phi = torch.logaddexp(r[:, :, 1, None].expand(T, H, C),
                               torch.where(cand[None] == last[None, :, None], ninf, r[:, :, 0, None]))
-        rn = torch.full((T, H, C), float('-inf'), device=x.device)
-        rb = torch.full((T, H, C), float('-inf'), device=x.device)
+        rn = torch.full((T, H, C), float('-inf'), device=xc.device)
+        rb = torch.full((T, H, C), float('-inf'), device=xc.device)
         rn[0] = torch.where((last < 0)[:, None], xc[0], ninf)         # only the empty prefix starts at frame 1
         psi = rn[0].clone()
         for t in range(1, T):
