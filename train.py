@@ -890,6 +890,10 @@ def make_parser():
                    help='LayerNorm on the encoder memory before the positions are added')
     g.add_argument('--ctc_frames', type=int, default=CTC_FRAMES,
                    help='CTC frames per image column (with --ctc > 0)')
+    g.add_argument('--freeze', type=int, default=0, metavar='N',
+                   help='keep the stem and the first N of the 16 EfficientNet blocks as loaded (no gradient): for '
+                        'fine-tuning with --init_from or --backbone_weights; 3 freezes strides 2-4, which spares a '
+                        'third of a step on wide images (0 = train everything)')
     g.add_argument('--backbone_weights', default=None, metavar='PATH',
                    help='local ImageNet state_dict of efficientnet_pytorch B0 (nothing is downloaded)')
 
@@ -935,6 +939,8 @@ def get_args(argv=None):
                 '--val_every >= 1')
     if not 0.0 <= args.token_dropout <= 1.0:
         p.error(f'--token_dropout is a probability: expected a value in [0, 1], got {args.token_dropout}')
+    if args.freeze and not (args.init_from or args.backbone_weights or args.resume):
+        p.error('--freeze keeps weights as loaded: it needs trained ones (--init_from or --backbone_weights)')
     if not 0 < args.pct_start < 1:
         p.error(f'--pct_start is a share of the steps: expected a value in (0, 1), got {args.pct_start}')
     if args.augment is None:
@@ -1149,6 +1155,12 @@ def build_model(args, ckpt, d, device):
         if args.zero_init_residual and not args.backbone_weights:
             model.encoder.zero_init_residual_()
     d.train_set.vocab = d.val_set.vocab = vocab
+    if args.freeze:
+        try:
+            n = model.encoder.freeze_(args.freeze)
+        except ValueError as e:
+            sys.exit(f'--{e}')
+        note += f'{"; " if note else ""}froze the stem and {args.freeze} blocks ({n:,} parameters)'
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

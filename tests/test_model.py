@@ -242,6 +242,23 @@ def test_zero_init_residual_blocks_start_as_identity(default_model):
                if i not in zeroed)
 
 
+def test_freeze_stops_gradients_of_the_stem_and_first_blocks(default_model):
+    model = copy.deepcopy(default_model)
+    net = model.encoder.backbone
+    n = model.encoder.freeze_(3)
+    frozen = [net._conv_stem, net._bn0] + list(net._blocks[:3])
+    assert n == sum(p.numel() for m in frozen for p in m.parameters()) > 0
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for b in net._blocks[3:] for p in b.parameters())
+    model.train()
+    out = model(torch.rand(2, 1, 40, 96), torch.full((2, 5), SOS))
+    out.sum().backward()
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    assert net._blocks[3]._project_conv.weight.grad is not None
+    with pytest.raises(ValueError, match='0..16'):
+        model.encoder.freeze_(17)
+
+
 # -----------------------------------------------------------------------------
 # decoding
 

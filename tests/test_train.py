@@ -341,6 +341,27 @@ def test_init_from_extends_vocab(uniform_root, tmp_path):
         assert torch.equal(dst['model'][k][:len(src['vocab'])], src['model'][k])
 
 
+def test_freeze_keeps_the_stem_and_first_blocks(uniform_root, tmp_path):
+    run(uniform_root, tmp_path / 'src', '--batchsz', '16', '--epochs', '1', '--val_max', '4')
+    src = load(tmp_path / 'src' / 'math' / 'best.pt')
+    run(uniform_root, tmp_path / 'dst', '--init_from', str(tmp_path / 'src' / 'math' / 'best.pt'),
+        '--freeze', '3', '--batchsz', '16', '--epochs', '1', '--val_max', '4')
+    dst = load(tmp_path / 'dst' / 'math' / 'last.pt')
+    frozen = ('encoder.backbone._conv_stem.', 'encoder.backbone._bn0.', 'encoder.backbone._blocks.0.',
+              'encoder.backbone._blocks.1.', 'encoder.backbone._blocks.2.')
+    weights = [k for k in src['model'] if k.endswith('weight')]
+    kept = [k for k in weights if k.startswith(frozen)]
+    assert kept and all(torch.equal(dst['model'][k], src['model'][k]) for k in kept)
+    trained = [k for k in weights if k.startswith('encoder.backbone._blocks.3.')]
+    assert trained and any(not torch.equal(dst['model'][k], src['model'][k]) for k in trained)
+    assert dst['args']['freeze'] == 3
+
+
+def test_freeze_needs_loaded_weights(uniform_root, tmp_path):
+    with pytest.raises(SystemExit):
+        run(uniform_root, tmp_path, '--freeze', '3', '--dry_run')
+
+
 def test_dry_run_saves_nothing(uniform_root, tmp_path):
     state = run(uniform_root, tmp_path, '--dry_run', '--batchsz', '8', '--epochs', '3', '--val_max', '4')
     assert state['step'] == 2
