@@ -848,7 +848,8 @@ def make_parser():
                         'save as at an epoch end). 0: no time limit')
     g.add_argument('--warmup', type=int, default=WARMUP, help='steps of linear lr warm-up (0: none)')
     g.add_argument('--initlr', type=float, default=None,
-                   help=f'peak lr of OneCycle (SGD) or initial lr (Adam); None: {SGD_PEAK_LR} with SGD, {ADAM_LR} with --Adam')
+                   help=f'peak lr of OneCycle (SGD) or initial lr (Adam); None: {SGD_PEAK_LR} with SGD, '
+                        f'{ADAM_LR} with --Adam')
     g.add_argument('--pct_start', type=float, default=PCT_START,
                    help='SGD: share of the steps over which OneCycle rises from initlr/25 to initlr, in (0, 1)')
     g.add_argument('--Adam', action='store_true', help='Adam + exponential lr decay instead of SGD + OneCycle')

@@ -182,9 +182,10 @@ class Encoder(nn.Module):
         """Stop training the stem and the first `n_blocks` MBConv blocks (requires_grad False; their
         BatchNorms keep using batch statistics). The first blocks run at the highest resolutions (stem
         and block 0 at stride 2, blocks 1-2 at 4, 3-4 at 8), where much of the backward pass's time goes
-        on wide images (3 blocks: a step of 16 800x100 images 3.2 -> 2.1 s on 2 CPU threads), and learn strokes that carry over between domains, so
-        fine-tuning a trained encoder (train.py --init_from) can keep them as they are (Yosinski et al.
-        2014, "How transferable are features in deep neural networks?"). -> parameters frozen."""
+        on wide images (3 blocks: a step of 16 800x100 images 3.2 -> 2.1 s on 2 CPU threads), and they
+        learn strokes that carry over between domains, so fine-tuning a trained encoder (train.py
+        --init_from) can keep them as they are (Yosinski et al. 2014, "How transferable are features in
+        deep neural networks?"). -> the number of parameters frozen."""
         net = self.backbone
         if not 0 <= n_blocks <= len(net._blocks):
             raise ValueError(f'freeze: expected 0..{len(net._blocks)} blocks, got {n_blocks}')
