@@ -55,7 +55,7 @@ import torch
 import data
 import train
 import transformer
-from checkpoint import load_checkpoint, load_model
+from checkpoint import load_checkpoint, load_model, trained_with_trim
 from utils import amp_context, n_workers, write_json
 
 # -----------------------------------------------------------------------------
@@ -1260,8 +1260,9 @@ def learn(args):
     res['val'] = learn_eval(args, weights, 'val', greedy=True)
     res['test'] = learn_eval(args, weights, 'test', greedy=True)
     res['test_decoded'] = learn_eval(args, weights, 'test', greedy=False)   # test.py's default decoding
-    model, vocab, _, _ = load_model(weights)
-    val_set = data.FormulaDataset(args.learn_root, args.learn_domain, 'val', vocab=vocab, cache=True)
+    model, vocab, ckpt, _ = load_model(weights)
+    val_set = data.FormulaDataset(args.learn_root, args.learn_domain, 'val', vocab=vocab, cache=True,
+                                  trim=trained_with_trim(ckpt))
     loader, _ = data.make_loader(val_set, 64, shuffle=False)     # one size per batch: all of it, up to 64
     res['diagnostics'] = diagnose(model, loader)
     res['wall_s'] = time.time() - t0

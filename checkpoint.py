@@ -154,6 +154,12 @@ def load_checkpoint(path, which='model', map_location='cpu'):
     return model, list(ckpt['vocab']), ckpt
 
 
+def trained_with_trim(ckpt):
+    """True when the checkpoint's run cropped its images to their ink (train.py --trim): its model must
+    be fed images trimmed the same way (data.trim_image)."""
+    return bool((ckpt.get('args') or {}).get('trim', False))
+
+
 def load_model(path, mean_teacher=False, device='cpu', hint=None):
     """For the command lines: -> (model in eval mode on `device`, data.Vocab, checkpoint dict,
     'teacher' | 'student'). SystemExit with a clear message (and `hint` for a missing file) for a

@@ -210,6 +210,55 @@ def to_tensor(u8):
 
 
 # -----------------------------------------------------------------------------
+# trimming (--trim): the white around the ink costs compute and carries nothing
+
+TRIM_PAD = 4               # px of white kept on every side of the ink
+TRIM_MULTIPLE = (16, 64)   # trimmed sizes are rounded up to multiples of (H, W): few sizes, full batches
+TRIM_INK = 240             # a pixel darker than this is ink (with its antialiased fringe)
+
+
+def trim_box(u8):
+    """(top, bottom, left, right) of the ink of a uint8 (H, W) page (bottom/right exclusive), or None
+    for a blank image (left as it is by --trim)."""
+    from utils import ink_bounds          # utils imports data: import here
+    return ink_bounds(u8, TRIM_INK, fringe=True)
+
+
+def _trim_axis(lo, hi, n, multiple):
+    """One axis of --trim: ink at [lo, hi) of n pixels -> (src_lo, src_hi, dst_lo, out_n): the ink plus
+    TRIM_PAD on both sides, rounded up to `multiple`; (0, n, 0, n), the axis as it is, where that would
+    not be shorter (trimming never grows an image)."""
+    out = -(-(hi - lo + 2 * TRIM_PAD) // multiple) * multiple
+    return (lo, hi, TRIM_PAD, out) if out < n else (0, n, 0, n)
+
+
+def _trim_axes(box, shape):
+    top, bottom, left, right = box
+    return (_trim_axis(top, bottom, shape[0], TRIM_MULTIPLE[0]), _trim_axis(left, right, shape[1], TRIM_MULTIPLE[1]))
+
+
+def trimmed_size(box, shape):
+    """The (H, W) that --trim gives an image of `shape` with ink box `box`. Worked example: im2latex-100k's
+    (Deng's) buckets pad a one-line formula of 36 x 430 px of ink (4 px from the top-left corner) to
+    100 x 500; trimmed it is 36 + 8 = 44 -> 48 rows and 430 + 8 = 438 -> 448 columns, 43% of the pixels
+    (and at output stride 16x8 3 x 56 memory positions instead of 7 x 63). A 40 x 200 bucket with 26 x 170
+    px of ink keeps its 40 rows (34 -> 48 would be more) and gets 192 columns."""
+    return tuple(axis[3] for axis in _trim_axes(box, shape))
+
+
+def trim_image(u8, box=None):
+    """uint8 (H, W) -> the image as --trim feeds it to the model (see trimmed_size): the ink of `box`
+    (default: trim_box(u8)) TRIM_PAD px from the top-left corner of a white page; a blank image unchanged."""
+    box = trim_box(u8) if box is None else box
+    if box is None:
+        return u8
+    (r0, r1, rd, oh), (c0, c1, cd, ow) = _trim_axes(box, u8.shape)
+    out = np.full((oh, ow), 255, dtype=np.uint8)
+    out[rd:rd + r1 - r0, cd:cd + c1 - c0] = u8[r0:r1, c0:c1]
+    return out
+
+
+# -----------------------------------------------------------------------------
 # tokens
 
 # As im2latex-100k's normalized formulas (im2markup's KaTeX normalizer) write them, some commands and
@@ -693,6 +742,8 @@ class _ImageItems(torch.utils.data.Dataset):
         self._offsets = None      # int64 (N,) start of each image in the pixel buffer, or None: read files
         self._pixels = None       # uint8 (total,) buffer (np.memmap of the cache file or an array)
         self._pixel_file = None   # (path, offset, length) to re-open the memmap in another process
+        self.boxes = None         # trim_(): per image its ink box (or None: blank), else None
+        self.stored_sizes = None  # trim_(): per image its (H, W) as stored (sizes are then the trimmed ones)
 
     def path(self, i):
         return os.path.join(self.img_dir, self.names[i])
@@ -718,8 +769,13 @@ class _ImageItems(torch.utils.data.Dataset):
         return self._pixels
 
     def gray(self, i):
-        """The stored image i as uint8 (H, W), white = 255 (from the cache or the file). Raises ImageError."""
-        h, w = self.sizes[i]
+        """Image i as uint8 (H, W), white = 255 (from the cache or the file; after trim_() trimmed to its
+        ink, of size sizes[i]). Raises ImageError."""
+        a = self._stored(i)
+        return a if self.boxes is None else trim_image(a, self.boxes[i])
+
+    def _stored(self, i):
+        h, w = (self.sizes if self.stored_sizes is None else self.stored_sizes)[i]
         if self._offsets is not None:
             o = int(self._offsets[i])
             return np.array(self._buffer()[o:o + h * w]).reshape(h, w)
@@ -728,6 +784,35 @@ class _ImageItems(torch.utils.data.Dataset):
             raise ImageError(self.path(i), f'changed size since the data set was loaded ({h}x{w} -> '
                                            f'{a.shape[0]}x{a.shape[1]})')
         return a
+
+    def trim_(self):
+        """--trim: from now on every image is its ink plus TRIM_PAD px, on a page rounded up to
+        TRIM_MULTIPLE where that is smaller (trim_image), and `sizes` are those trimmed sizes, so that
+        batches group them.
+        Reads every image once (from the cache: seconds per 10,000). Blank images stay as they are;
+        unreadable ones too (they are reported when fetched). -> self."""
+        if self.boxes is not None:
+            return self
+        t0 = time.time()
+
+        def box(i):
+            try:
+                return trim_box(self._stored(i))
+            except ImageError:
+                return None
+        with ThreadPoolExecutor(DECODE_THREADS) as ex:
+            boxes = list(ex.map(box, range(len(self)), chunksize=64))
+        before = sum(h * w for h, w in self.sizes)
+        self.stored_sizes, self.boxes = list(self.sizes), boxes
+        self.sizes = [s if b is None else trimmed_size(b, s) for s, b in zip(self.stored_sizes, boxes)]
+        self._per_item = type(self)._per_item + ('stored_sizes', 'boxes')
+        if len(self):
+            after = sum(h * w for h, w in self.sizes)
+            self._log(f'{getattr(self, "label_file", self.img_dir)}: trimmed {len(self)} images to their ink in '
+                      f'{time.time() - t0:.1f} s: {after / max(before, 1):.0%} of the pixels, '
+                      f'{len(set(self.stored_sizes))} -> {len(set(self.sizes))} sizes'
+                      + (f', {boxes.count(None)} blank or unreadable left as they are' if None in boxes else ''))
+        return self
 
     def _item(self, key):
         """-> (index, item dict with 'index', 'image' and 'image2' (views == 2)), or an item
@@ -785,6 +870,8 @@ class FormulaDataset(_ImageItems):
 
     cache=False: image sizes come from the file headers (PNG files are checked end to end without
     decoding); pixels are decoded when an item is fetched.
+    trim=True: every image is cropped to its ink (plus TRIM_PAD px, rounded up to TRIM_MULTIPLE where
+    that is smaller; see trimmed_size), and `sizes` are the trimmed sizes.
     cache=True: all images are decoded once into <root>/.cache/<domain>_<split>.bin (see _write_cache
     for the layout), which later runs memory-map. The cache is keyed by a fingerprint of the label
     file's bytes and every listed image's (name, size, mtime_ns): a change is named and the cache
@@ -799,7 +886,7 @@ class FormulaDataset(_ImageItems):
     _per_item = ('names', 'sizes', 'tokens', 'lines')
 
     def __init__(self, root_dir, domain, split, vocab=None, cache=False, augment=None, views=1,
-                 problems=None, max_tokens=None):
+                 problems=None, max_tokens=None, trim=False):
         self._init_items(augment, views, problems)
         self.root_dir, self.domain, self.split = os.fspath(root_dir), _check_domain(domain), split
         self.vocab = vocab
@@ -823,6 +910,8 @@ class FormulaDataset(_ImageItems):
                           f'than {max_tokens} tokens')
                 kept = self.select(keep)
                 self.__dict__.update({k: kept.__dict__[k] for k in (*self._per_item, '_offsets')})
+        if trim:
+            self.trim_()
         self.load_seconds = time.time() - t0
         skipped = len(self.problems) - before
         if skipped:
@@ -832,7 +921,7 @@ class FormulaDataset(_ImageItems):
 
     def __repr__(self):
         return (f'FormulaDataset({self.domain}/{self.split}: {len(self)} samples, '
-                f'{len(set(self.sizes))} sizes, cache={self._offsets is not None})')
+                f'{len(set(self.sizes))} sizes, cache={self._offsets is not None}, trim={self.boxes is not None})')
 
     def __getitem__(self, key):
         index, item = self._item(key)
@@ -1081,7 +1170,7 @@ class UnlabeledDataset(_ImageItems):
     Attributes: names (paths relative to img_dir), sizes ((H, W)), img_dir.
     Item: {'index', 'image', 'image2' (views == 2)}, as FormulaDataset without 'ids'."""
 
-    def __init__(self, img_dir, augment=None, views=2, problems=None):
+    def __init__(self, img_dir, augment=None, views=2, problems=None, trim=False):
         self._init_items(augment, views, problems)
         self.img_dir = os.fspath(img_dir)
         if not os.path.isdir(self.img_dir):
@@ -1099,6 +1188,8 @@ class UnlabeledDataset(_ImageItems):
                 continue
             self.names.append(name)
             self.sizes.append(r)
+        if trim:
+            self.trim_()
         if not self.names:
             self._log(f'{self.img_dir}: no readable images ({", ".join(IMAGE_EXTENSIONS)})', file=sys.stderr)
         n_sizes = len(set(self.sizes))

@@ -50,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from checkpoint import load_model
+from checkpoint import load_model, trained_with_trim
 from metrics import METRIC_NAMES, compute_metrics, edit_distances, format_metrics
 from transformer import (CTC_WEIGHT, LENGTH_PENALTY, MAX_DECODE_LEN, decode_batch, decode_dataset, model_max_len,
                          uses_ctc)
@@ -150,15 +150,16 @@ def shrink_to_fit(u8, max_side=MAX_SIDE):
     return np.asarray(Image.fromarray(u8).resize(size, Image.Resampling.BOX), dtype=np.uint8)
 
 
-def preprocess_image(u8, how=PREPROCESS):
+def preprocess_image(u8, how=PREPROCESS, trim=False):
     """A loaded gray page -> the model's input image, or raise ValueError(reason).
     deng: crop to ink, pad 8, smallest of Deng's 21 buckets, downsample x2 (proc.deng_process) -- for
           full-resolution renders like im2latex-100k's raw pages;
     crop: crop to ink + pad 8 px, keep the resolution (shrunk only beyond MAX_SIDE) -- for images already
           at the training images' scale (screenshots, crops, the math/chemistry sets);
-    none: as loaded."""
+    none: as loaded.
+    trim: then crop to the ink as train.py --trim did (data.trim_image), for a model trained so."""
     if how == 'none':
-        return u8
+        return data.trim_image(u8) if trim else u8
     if how == 'deng':
         import proc
         out = proc.deng_process(u8)
@@ -170,7 +171,7 @@ def preprocess_image(u8, how=PREPROCESS):
         raise ValueError(f'unknown preprocessing {how!r}')
     if out is None:
         raise ValueError('blank image (no ink found)')
-    return out
+    return data.trim_image(out) if trim else out
 
 
 def expand_image_paths(paths):
@@ -196,9 +197,9 @@ def png_base64(u8):
 # -----------------------------------------------------------------------------
 # transcription
 
-def _load_for_transcription(path, how):
+def _load_for_transcription(path, how, trim=False):
     try:
-        return preprocess_image(data.load_gray(path), how)
+        return preprocess_image(data.load_gray(path), how, trim)
     except data.ImageError as e:
         return ValueError(e.reason)
     except (ValueError, OSError) as e:
@@ -251,7 +252,7 @@ def transcribe(args, model, vocab, device, amp_dtype, out=None):
     try:
         for start in range(0, len(paths), CHUNK):
             chunk = paths[start:start + CHUNK]
-            load = functools.partial(_load_for_transcription, how=args.preprocess)
+            load = functools.partial(_load_for_transcription, how=args.preprocess, trim=args.trim)
             loaded = list(pool.map(load, chunk)) if pool else [load(p) for p in chunk]
             ok = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
             toks = transcribe_arrays(model, vocab, [loaded[i] for i in ok], beam=args.beam, max_len=args.max_len,
@@ -444,7 +445,7 @@ def build_loader(args, vocab, device, problems, train_on=None, rank=0, world=1):
     for the metrics JSON). With --exclude_overlap the data set holds only the formulas not in train."""
     try:
         ds = data.FormulaDataset(args.root_dir, args.test_on, args.split, vocab=vocab, cache=args.cache,
-                                 problems=problems)
+                                 problems=problems, trim=args.trim)
     except FileNotFoundError as e:       # data.DataRootError names what is missing and how to make it
         raise SystemExit(f'error: {e}') from None
     if len(ds) == 0:
@@ -628,6 +629,9 @@ def main(argv=None):
     hint = (f'Train one first, e.g.\n  python3 train.py --train_on {args.test_on} --root_dir {args.root_dir} '
             f'--out_dir {args.out_dir}\nor pass --weights PATH.')
     model, vocab, ckpt, weights = load_model(checkpoint, args.mean_teacher, device, hint)
+    args.trim = trained_with_trim(ckpt)
+    if args.trim:
+        info(f'{checkpoint} was trained with --trim: images are cropped to their ink as in its training')
     if args.max_len > model_max_len(model):
         info(f'--max_len {args.max_len} is more than the model\'s {model_max_len(model)} positions: '
              f'decoding at most {model_max_len(model)} tokens')

@@ -55,7 +55,7 @@ RAMPUP = 5.0            # epochs of the sigmoid-shaped ramp-up
 MAX_LEN = 150           # longest formula (tokens) trained on / decoded
 WARMUP = 0              # steps of linear lr warm-up (on top of the schedule)
 OUTPUT_STRIDE = '16x8'  # encoder output stride, rows x columns (--output_stride)
-CTC_FRAMES = 2          # frames per image column of the auxiliary CTC head (with --ctc > 0)
+CTC_FRAMES = 4          # frames per image column of the auxiliary CTC head (with --ctc > 0)
 CURRICULUM = 0          # epochs ordered from small to large images (--curriculum)
 SAVE_EVERY = '10m'      # last.pt at the first step boundary after 10 minutes of training: the work at risk
 
@@ -827,6 +827,10 @@ def make_parser():
     g.add_argument('--curriculum', type=int, default=CURRICULUM, metavar='N',
                    help='the first N epochs take their batches from small to large images (short formulas '
                         'first; curriculum learning, Bengio et al. 2009); 0: shuffled from the start')
+    g.add_argument('--trim', action='store_true',
+                   help='crop every image to its ink (+4 px, rounded up to multiples of 16 x 64 px where smaller) when loading, '
+                        'here and in test.py (saved in the checkpoint): drops the white that fixed-size buckets '
+                        'pad around short formulas (a third of the pixels of the openai demo images)')
     g.add_argument('--unlabeled', default=None, metavar='DIR',
                    help='folder of unlabeled target-domain images for the consistency cost (needs --mean_teacher)')
     g.add_argument('--workers', type=int, default=-1, help='DataLoader workers (-1: 0 on CPU, 4 on CUDA)')
@@ -1103,8 +1107,9 @@ def build_data(args, device, rank, world, log):
     aug = data.Augment(args.augment) if args.augment > 0 else None
     train_set = data.FormulaDataset(args.root_dir, args.train_on, 'train', cache=args.cache, augment=aug,
                                     views=2 if args.mean_teacher else 1, problems=problems,
-                                    max_tokens=args.max_len)
-    val_set = data.FormulaDataset(args.root_dir, args.train_on, 'val', cache=args.cache, problems=problems)
+                                    max_tokens=args.max_len, trim=args.trim)
+    val_set = data.FormulaDataset(args.root_dir, args.train_on, 'val', cache=args.cache, problems=problems,
+                                  trim=args.trim)
     if args.val_max and len(val_set.names) > args.val_max:
         val_set = val_set.select(range(args.val_max))
     if len(train_set.names) == 0:
@@ -1116,7 +1121,7 @@ def build_data(args, device, rank, world, log):
     val_loader, _ = data.make_loader(val_set, args.batchsz, shuffle=False, equal_shards=False, **kw)
     unlabeled = None
     if args.unlabeled:
-        u_set = data.UnlabeledDataset(args.unlabeled, augment=aug, views=2, problems=problems)
+        u_set = data.UnlabeledDataset(args.unlabeled, augment=aug, views=2, problems=problems, trim=args.trim)
         unlabeled = cycle_unlabeled(*data.make_loader(u_set, args.batchsz, shuffle=True, seed=args.seed + 1, **kw))
     if problems.summary():
         log(problems.summary())

@@ -353,6 +353,72 @@ def test_dataset_views_and_seeded_augmentation(tmp_path):
         data.FormulaDataset(root, 'openai', 'train', views=3)
 
 
+def test_trimmed_size_worked_example_and_trim_image():
+    # trimmed_size's docstring: 36 x 430 px of ink 4 px from the top-left corner of a 100 x 500 bucket
+    page = np.full((100, 500), 255, np.uint8)
+    page[4:40, 4:434] = 0
+    assert data.trim_box(page) == (4, 40, 4, 434)
+    assert data.trimmed_size((4, 40, 4, 434), (100, 500)) == (48, 448)
+    assert data.trimmed_size((7, 33, 4, 174), (40, 200)) == (40, 192)       # 48 rows would be more than 40
+    assert data.trimmed_size((0, 40, 0, 200), (40, 200)) == (40, 200)
+    out = data.trim_image(page)
+    p = data.TRIM_PAD
+    assert out.shape == (48, 448) and (out[p:p + 36, p:p + 430] == 0).all() and (out == 0).sum() == 36 * 430
+    page[40, 4:434] = 250                    # an antialiased fringe below the ink belongs to it
+    assert data.trim_box(page) == (4, 41, 4, 434)
+    page[90, 490] = 250                      # a faint speck far from the ink does not
+    assert data.trim_box(page) == (4, 41, 4, 434)
+    tight = np.full((40, 200), 255, np.uint8)
+    tight[7:33, 4:174] = 0
+    t = data.trim_image(tight)                      # rows kept as they are, columns trimmed
+    assert t.shape == (40, 192) and (t[7:33, p:p + 170] == 0).all() and (t == 0).sum() == 26 * 170
+    blank = np.full((20, 30), 255, np.uint8)
+    assert data.trim_box(blank) is None and data.trim_image(blank) is blank
+
+
+def bucketed_root(root, n=10):
+    """An openai root whose images are small ink patches at (3, 2) of 64 x 200 white pages (fixed buckets)."""
+    idir = data.image_dir(root, 'openai')
+    os.makedirs(idir, exist_ok=True)
+    lines = []
+    for i in range(n):
+        page = np.full((64, 200), 255, np.uint8)
+        h, w = SIZES[i % len(SIZES)]
+        page[3:3 + h, 2:2 + w] = ink_image(h, w, i)
+        Image.fromarray(page).save(os.path.join(idir, f'p{i}.png'))
+        lines.append(f'p{i}.png\tx + {i}\n')
+    os.makedirs(os.path.dirname(data.label_path(root, 'openai', 'train')))
+    with open(data.label_path(root, 'openai', 'train'), 'w') as f:
+        f.write(''.join(lines))
+    return str(root)
+
+
+@pytest.mark.parametrize('cache', [False, True])
+def test_dataset_trim_keeps_all_ink_and_batches_one_size(tmp_path, capsys, cache):
+    root = bucketed_root(tmp_path)
+    full = data.FormulaDataset(root, 'openai', 'train', cache=cache, problems=quiet())
+    ds = data.FormulaDataset(root, 'openai', 'train', cache=cache, problems=data.Problems(), trim=True)
+    assert 'trimmed 10 images to their ink' in capsys.readouterr().out
+    assert full.sizes == [(64, 200)] * 10 and ds.stored_sizes == full.sizes and 'trim=True' in repr(ds)
+    mh, mw = data.TRIM_MULTIPLE
+    for i in range(len(ds)):
+        a, page = ds.gray(i), full.gray(i)
+        assert a.shape == ds.sizes[i] and a.shape[0] % mh == 0 and a.shape[1] % mw == 0
+        assert a.size < page.size and np.sum(255 - a.astype(np.int64)) == np.sum(255 - page.astype(np.int64))
+        assert torch.equal(ds[i]['image'], data.to_tensor(data.trim_image(page)))
+    assert len(set(ds.sizes)) > 1
+    loader, _ = data.make_loader(ds, 4, shuffle=True, seed=0)
+    seen = []
+    for micro in loader:
+        assert len(micro) == 1                           # the sampler batches one trimmed size
+        idx = micro[0]['indices'].tolist()
+        assert {ds.sizes[i] for i in idx} == {tuple(micro[0]['images'].shape[-2:])}
+        seen += idx
+    assert sorted(seen) == list(range(10))
+    sub = ds.select([7, 2])
+    assert sub.sizes == [ds.sizes[7], ds.sizes[2]] and np.array_equal(sub.gray(0), ds.gray(7))
+
+
 def test_cache_used_identical_and_pickles(tmp_path, capsys, monkeypatch):
     root = make_root(tmp_path, n=12)
     plain = data.FormulaDataset(root, 'openai', 'train', problems=data.Problems())

@@ -362,6 +362,34 @@ def test_freeze_needs_loaded_weights(uniform_root, tmp_path):
         run(uniform_root, tmp_path, '--freeze', '3', '--dry_run')
 
 
+def test_trim_is_saved_and_applied_by_test_py(tmp_path, capsys):
+    # a math root of 24 x 96 formulas on 64 x 160 pages: --trim crops them in training and test.py does too
+    root = tmp_path / 'root'
+    img_dir, lab_dir = root / 'adaptation_data' / 'math_images_resized', root / 'adaptation_data' / 'math_labels'
+    img_dir.mkdir(parents=True)
+    lab_dir.mkdir(parents=True)
+    lines = []
+    for i, f in enumerate(short_formulas(8)):
+        ink = render.render_latex(f, fontsize=12, dpi=100)[:24, :96]
+        page = np.full((64, 160), 255, np.uint8)
+        page[4:4 + ink.shape[0], 4:4 + ink.shape[1]] = ink
+        Image.fromarray(page).save(img_dir / f'm{i}.png')
+        lines.append(f'm{i}.png\t{f}\n')
+    for split in data.SPLITS:
+        (lab_dir / f'{split}.txt').write_text(''.join(lines))
+    run(str(root), tmp_path, '--trim', '--batchsz', '8', '--max_steps', '1', '--val_max', '4')
+    assert 'trimmed 8 images to their ink' in capsys.readouterr().out
+    ckpt = load(tmp_path / 'math' / 'best.pt')
+    assert ckpt['args']['trim'] is True and checkpoint.trained_with_trim(ckpt)
+    import test as ev
+    assert ev.main(['--root_dir', str(root), '--test_on', 'math', '--out_dir', str(tmp_path), '--beam', '1',
+                    '--workers', '0']) == 0
+    out = capsys.readouterr()
+    assert 'was trained with --trim' in out.err and 'trimmed 8 images to their ink' in out.out
+    assert not checkpoint.trained_with_trim({'args': {'trim': False}})
+    assert not checkpoint.trained_with_trim({'args': {}})          # checkpoints from before --trim
+
+
 def test_dry_run_saves_nothing(uniform_root, tmp_path):
     state = run(uniform_root, tmp_path, '--dry_run', '--batchsz', '8', '--epochs', '3', '--val_max', '4')
     assert state['step'] == 2
