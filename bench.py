@@ -1,4 +1,4 @@
-"""Performance figures: training throughput, decoding latency, data loading (issue 6).
+"""Performance figures: training throughput, decoding latency, data loading; the learning benchmark (--learn).
 
     python3 bench.py --quick                            # ~1-2 min on a 2-core CPU
     python3 bench.py --json bench.json                  # the fuller run
