@@ -772,7 +772,8 @@ class _ImageItems(torch.utils.data.Dataset):
         """Image i as uint8 (H, W), white = 255 (from the cache or the file; after trim_() trimmed to its
         ink, of size sizes[i]). Raises ImageError."""
         a = self._stored(i)
-        return a if self.boxes is None else trim_image(a, self.boxes[i])
+        box = None if self.boxes is None else self.boxes[i]       # None: not trimmed, or blank / unreadable
+        return a if box is None else trim_image(a, box)
 
     def _stored(self, i):
         h, w = (self.sizes if self.stored_sizes is None else self.stored_sizes)[i]

@@ -828,9 +828,9 @@ def make_parser():
                    help='the first N epochs take their batches from small to large images (short formulas '
                         'first; curriculum learning, Bengio et al. 2009); 0: shuffled from the start')
     g.add_argument('--trim', action='store_true',
-                   help='crop every image to its ink (+4 px, rounded up to multiples of 16 x 64 px where smaller) when loading, '
-                        'here and in test.py (saved in the checkpoint): drops the white that fixed-size buckets '
-                        'pad around short formulas (a third of the pixels of the openai demo images)')
+                   help='crop every image to its ink (+4 px, rounded up to multiples of 16 x 64 px where smaller) '
+                        'when loading, here and in test.py (saved in the checkpoint): drops the white that '
+                        'fixed-size buckets pad around short formulas (a third of the openai demo\'s pixels)')
     g.add_argument('--unlabeled', default=None, metavar='DIR',
                    help='folder of unlabeled target-domain images for the consistency cost (needs --mean_teacher)')
     g.add_argument('--workers', type=int, default=-1, help='DataLoader workers (-1: 0 on CPU, 4 on CUDA)')
