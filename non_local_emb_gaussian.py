@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import fp32_under_cpu_autocast
+
 
 class NonLocalBlock2D(nn.Module):
     """z = x + BN(W softmax(theta(x)^T phi(x)) g(x)); works for any H, W >= 1.
@@ -76,8 +78,8 @@ class NonLocalBlock2D(nn.Module):
             y = torch.bmm(attn, v)                               # (B, N, C')
         else:
             # same maths through the fused kernel (flash / memory-efficient attention where available)
-            y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
-                                               scale=scale).squeeze(1)  # (B, 1, N, C') -> (B, N, C')
+            y = fp32_under_cpu_autocast(F.scaled_dot_product_attention, q.unsqueeze(1), k.unsqueeze(1),
+                                        v.unsqueeze(1), scale=scale).squeeze(1)  # (B, 1, N, C') -> (B, N, C')
         y = y.transpose(1, 2).reshape(b, ci, h, w)  # (B, N, C') -> (B, C', N) -> (B, C', H, W)
         z = self.W(y) + x                         # (B, C, H, W)
         if return_attention:

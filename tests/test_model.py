@@ -167,6 +167,53 @@ def test_state_dict_keeps_efficientnet_keys(default_model):
     assert ours == set(ref.state_dict())
 
 
+@pytest.mark.parametrize('stride', [1, 2, (2, 1), (1, 2)])
+@pytest.mark.parametrize('kernel,groups', [(1, 1), (3, 1), (3, 8), (5, 8)])
+def test_same_padding_conv_equals_efficientnet_pytorch(stride, kernel, groups):
+    """SamePaddingConv2d (padding inside the convolution) computes what efficientnet_pytorch's
+    Conv2dDynamicSamePadding (a padded copy) computes, for even and odd sizes, both ways."""
+    from efficientnet_pytorch.utils import Conv2dDynamicSamePadding
+    from transformer import SamePaddingConv2d
+    torch.manual_seed(0)
+    ref = Conv2dDynamicSamePadding(8, 8, kernel, stride=stride, groups=groups, bias=True)
+    ours = copy.deepcopy(ref)
+    ours.__class__ = SamePaddingConv2d
+    for h, w in [(1, 1), (2, 7), (5, 6), (9, 16), (16, 33)]:
+        x = torch.randn(2, 8, h, w, requires_grad=True)
+        a, b = ref(x), ours(x)
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-6), (h, w)
+        ga = torch.autograd.grad(a.square().sum(), (x, ref.weight))
+        gb = torch.autograd.grad(b.square().sum(), (x, ours.weight))
+        assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(ga, gb)), (h, w)
+
+
+def test_backbone_uses_same_padding_conv_everywhere(default_model):
+    from efficientnet_pytorch.utils import Conv2dDynamicSamePadding
+    from transformer import SamePaddingConv2d
+    kinds = [type(m) for m in default_model.modules() if isinstance(m, Conv2dDynamicSamePadding)]
+    assert kinds and set(kinds) == {SamePaddingConv2d}
+
+
+def test_depthwise_conv_and_attention_run_in_fp32_under_cpu_bf16(small_model):
+    """Under CPU bf16 autocast the depthwise convolutions and the training-path attention compute in
+    fp32 (oneDNN's bf16 kernels are the slow ones there); the dense convolutions stay bf16."""
+    from transformer import SamePaddingConv2d
+    blocks = small_model.encoder.backbone._blocks
+    dw, pw = blocks[1]._depthwise_conv, blocks[1]._project_conv
+    assert isinstance(dw, SamePaddingConv2d) and dw.groups > 1 and pw.groups == 1
+    x = torch.randn(2, dw.in_channels, 6, 10)
+    with torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y, z = dw(x), pw(torch.randn(2, pw.in_channels, 6, 10))
+        assert y.dtype == torch.float32 and z.dtype == torch.bfloat16
+        assert torch.allclose(y, dw(x), atol=1e-6)                       # the fp32 result itself
+    tgt = torch.randint(4, 30, (2, 7))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = small_model(torch.rand(2, 1, 32, 96), tgt)
+    assert logits.shape == (2, 7, 30) and torch.isfinite(logits.float()).all()
+
+
 # -----------------------------------------------------------------------------
 # non-local block
 
