@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from efficientnet_pytorch.utils import Conv2dDynamicSamePadding
 from torch import nn
 from tqdm import tqdm
 
@@ -144,14 +145,6 @@ def _same_padding(size, kernel, stride, dilation):
     """TF "SAME" padding of one axis (efficientnet_pytorch's rule): the total that makes the output
     ceil(size / stride) long; pad // 2 goes before the input, the rest after."""
     return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-
-
-def _dynamic_same_padding_conv():
-    from efficientnet_pytorch.utils import Conv2dDynamicSamePadding
-    return Conv2dDynamicSamePadding
-
-
-Conv2dDynamicSamePadding = _dynamic_same_padding_conv()
 
 
 class SamePaddingConv2d(Conv2dDynamicSamePadding):
