@@ -19,6 +19,7 @@ Also: building a model from hyperparameters (build_model), growing its vocab (ex
 decoding a whole data set into Records (decode_dataset), as train.py validates and test.py evaluates.
 The checkpoint file format is checkpoint.py's.
 """
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -163,13 +164,11 @@ class SamePaddingConv2d(Conv2dDynamicSamePadding):
         pw = _same_padding(x.shape[-1], self.weight.shape[-1], self.stride[1], self.dilation[1])
         if ph % 2 or pw % 2:
             x = F.pad(x, [0, pw % 2, 0, ph % 2])                       # the odd row / column, after
+        conv = functools.partial(F.conv2d, bias=self.bias, stride=self.stride, padding=(ph // 2, pw // 2),
+                                 dilation=self.dilation, groups=self.groups)
         if self.groups > 1:                                             # depthwise: fp32 under CPU bf16
-            return fp32_under_cpu_autocast(self._conv, x, self.weight, padding=(ph // 2, pw // 2))
-        return self._conv(x, self.weight, padding=(ph // 2, pw // 2))
-
-    def _conv(self, x, weight, padding):
-        bias = None if self.bias is None else self.bias.to(weight.dtype)
-        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+            return fp32_under_cpu_autocast(conv, x, self.weight)
+        return conv(x, self.weight)
 
 
 class Encoder(nn.Module):
