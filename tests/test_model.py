@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from data import EOS, PAD, SOS, UNK
@@ -208,6 +209,12 @@ def test_depthwise_conv_and_attention_run_in_fp32_under_cpu_bf16(small_model):
             y, z = dw(x), pw(torch.randn(2, pw.in_channels, 6, 10))
         assert y.dtype == torch.float32 and z.dtype == torch.bfloat16
         assert torch.allclose(y, dw(x), atol=1e-6)                       # the fp32 result itself
+    from utils import fp32_under_cpu_autocast
+    q = torch.randn(2, 4, 5, 8, dtype=torch.bfloat16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        a = fp32_under_cpu_autocast(F.scaled_dot_product_attention, q, q, q, is_causal=True)
+    assert a.dtype == torch.float32
+    assert fp32_under_cpu_autocast(F.scaled_dot_product_attention, q, q, q).dtype == torch.bfloat16  # no autocast
     tgt = torch.randint(4, 30, (2, 7))
     with torch.autocast('cpu', dtype=torch.bfloat16):
         logits = small_model(torch.rand(2, 1, 32, 96), tgt)
