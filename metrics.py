@@ -6,6 +6,8 @@ Text metrics, on token sequences (all take lists of token lists, golds[i] agains
     edit accuracy        1 - sum lev(g, p) / sum max(len g, len p)       (Deng et al. 2017)
     norm. edit distance  mean of lev(g, p) / max(len g, len p)          (pix2tex)
     exact match          share of samples whose token sequences are equal
+Token errors (diagnostics, not a score): the most common substitutions, missed and inserted tokens and
+the share of gold tokens recovered by how often each occurs in train (token_errors).
 Image metrics, on renders (render.py) of gold and prediction: Deng et al., "Image-to-Markup
 Generation with Coarse-to-Fine Attention", ICML 2017 (im2markup scripts/evaluation/evaluate_image.py):
 render both the same way, binarize, drop blank columns, compare the column sequences
@@ -26,6 +28,8 @@ from utils import imap_progress, n_workers, process_pool
 BINARIZE = 128        # Deng's evaluate_image.py: a pixel <= 128 is ink
 MIN_TASKS_PER_WORKER = 16   # image metrics start a process pool only for at least this many samples per worker
 CHUNK = {'mathtext': 4, 'latex': render.LATEX_CHUNK // 2}   # samples per worker task (latex: one pdflatex call)
+TOP_ERRORS = 15      # token_errors: the most common substitutions / missed / inserted tokens listed
+TRAIN_COUNT_BANDS = (1, 10, 100, 1000)   # token_errors: bands of training occurrences 0, 1-9, 10-99, 100-999, 1000+
 # (key in the metrics dict, label, format) in the order tables show them
 METRIC_NAMES = (('bleu4', 'BLEU-4', '{:.2f}'), ('edit_accuracy', 'edit accuracy', '{:.4f}'),
                 ('norm_edit_distance', 'norm. edit distance', '{:.4f}'), ('exact_match', 'exact match', '{:.4f}'),
@@ -106,6 +110,67 @@ def compute_metrics(golds, preds):
 def format_metrics(metrics):
     """A small two-column table of the metrics present in `metrics`."""
     lines = [f'  {label:<22}{fmt.format(metrics[key])}' for key, label, fmt in METRIC_NAMES if key in metrics]
+    return '\n'.join(lines)
+
+
+def _band_names(edges):
+    """(1, 10, 100) -> ['0', '1-9', '10-99', '100+']"""
+    names = ['0' if edges[0] == 1 else f'<{edges[0]}']
+    names += [f'{lo}-{hi - 1}' for lo, hi in zip(edges, edges[1:])]
+    return names + [f'{edges[-1]}+']
+
+
+def token_errors(golds, preds, train_counts=None, top=TOP_ERRORS, bands=TRAIN_COUNT_BANDS):
+    """What the predictions get wrong, token by token, from the token-level Levenshtein alignment of each
+    pair (rapidfuzz editops: 'replace' = a gold token read as another, 'delete' = a gold token missing,
+    'insert' = a predicted token not in the gold; a gold token no op touches is recovered). -> dict
+      'substitutions': [[gold, pred, n]], 'missed': [[token, n missed, n in gold]], 'inserted': [[token, n]]
+                       (the `top` most common each; missed = replaced or deleted),
+      'recall_by_train_count': [{'band', 'types', 'gold', 'recall'}] with train_counts ({token: training
+                       occurrences}): share of gold tokens recovered, per band of training occurrences.
+    Example: gold `x ^ { 2 }`, pred `x ^ { 3 }`: substitution 2 -> 3, missed 2 (1 of 1), recall 4 / 5.
+    Where several alignments have the same distance rapidfuzz picks one (deterministically)."""
+    from collections import Counter
+    _check_pairs(golds, preds)
+    subs, missed, inserted, gold_n, kept = Counter(), Counter(), Counter(), Counter(), Counter()
+    for g, p in zip(golds, preds):
+        g, p = list(g), list(p)
+        gold_n.update(g)
+        lost = set()
+        for op, i, j in Levenshtein.editops(g, p).as_list():
+            if op == 'insert':
+                inserted[p[j]] += 1
+                continue
+            lost.add(i)
+            missed[g[i]] += 1
+            if op == 'replace':
+                subs[(g[i], p[j])] += 1
+        kept.update(t for i, t in enumerate(g) if i not in lost)
+    out = {'substitutions': [[a, b, n] for (a, b), n in subs.most_common(top)],
+           'missed': [[t, n, gold_n[t]] for t, n in missed.most_common(top)],
+           'inserted': [[t, n] for t, n in inserted.most_common(top)]}
+    if train_counts is not None:
+        rows = []
+        for k, name in enumerate(_band_names(bands)):
+            lo, hi = (bands[k - 1] if k else 0), (bands[k] if k < len(bands) else float('inf'))
+            types = [t for t in gold_n if lo <= train_counts.get(t, 0) < hi]
+            n = sum(gold_n[t] for t in types)
+            rows.append({'band': name, 'types': len(types), 'gold': n,
+                         'recall': sum(kept[t] for t in types) / n if n else None})
+        out['recall_by_train_count'] = rows
+    return out
+
+
+def format_token_errors(errors, top=8):
+    """A few printed lines of token_errors()' result."""
+    lines = []
+    if 'recall_by_train_count' in errors:
+        cells = [f'{r["band"]}: {r["recall"]:.2f} ({r["gold"]} tokens, {r["types"]} types)'
+                 for r in errors['recall_by_train_count'] if r['gold']]
+        lines.append('  gold tokens recovered, by training count: ' + '; '.join(cells))
+    lines.append('  read as another token: ' + ', '.join(f'{a} -> {b} {n}' for a, b, n in errors['substitutions'][:top]))
+    lines.append('  missed (of gold):      ' + ', '.join(f'{t} {n}/{g}' for t, n, g in errors['missed'][:top]))
+    lines.append('  inserted:              ' + ', '.join(f'{t} {n}' for t, n in errors['inserted'][:top]))
     return '\n'.join(lines)
 
 

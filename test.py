@@ -22,6 +22,8 @@ Metrics (metrics.py; definitions in docs/formats.md), on token sequences:
     exact match          share of samples whose token sequences are equal
     image match          (--render_eval) Deng's image exact match and column edit accuracy, rendered with
                          pdflatex when installed (--renderer), else mathtext
+    token errors         (--errors) the most common substitutions, missed and inserted tokens, and the
+                         share of gold tokens recovered by how often each occurs in train
 
 Under `torchrun --nproc_per_node N test.py ...` each process decodes its share of the split (the shares
 may differ in size) and rank 0 gathers them, prints and writes the files; --image runs on rank 0 alone.
@@ -32,6 +34,7 @@ so it never starts with 'ERROR:'), and the exit code is 1 if any image failed.
 """
 import argparse
 import base64
+import collections
 import concurrent.futures
 import datetime
 import difflib
@@ -51,7 +54,8 @@ from tqdm import tqdm
 
 import data
 from checkpoint import load_model, trained_with_trim
-from metrics import METRIC_NAMES, compute_metrics, edit_distances, format_metrics
+from metrics import (METRIC_NAMES, compute_metrics, edit_distances, format_metrics, format_token_errors,
+                     token_errors)
 from transformer import (CTC_WEIGHT, LENGTH_PENALTY, MAX_DECODE_LEN, decode_batch, decode_dataset, model_max_len,
                          uses_ctc)
 from utils import (amp_context, crop_to_ink, eval_mode, flush_denormals, gather_lists, info, init_distributed,
@@ -395,6 +399,10 @@ def get_args(argv=None):
     prec.add_argument('--bf16', action='store_true', help='autocast bfloat16 (CUDA or CPU)')
 
     g = p.add_argument_group('extras')
+    g.add_argument('--errors', action='store_true',
+                   help='also print (and save in the metrics JSON as token_errors) the tokens the model gets wrong: '
+                        'the most common substitutions, missed and inserted tokens (token-level Levenshtein '
+                        'alignment), and the share of gold tokens recovered by how often each occurs in the training labels')
     g.add_argument('--render_eval', action='store_true',
                    help='also render gold and prediction (render.py) and report image match and column edit '
                         'accuracy (Deng); a prediction that does not render is a mismatch')
@@ -488,6 +496,13 @@ def train_overlap(args, ds, train_on):
     return (data.overlap_with_train(train, ds.tokens), used) if used else (None, [])
 
 
+def train_token_counts(args, train_on):
+    """{token: occurrences} in the train labels of the checkpoint's training domain (the evaluated one when
+    the checkpoint does not name it) under --root_dir, or None without that label file."""
+    rows = data.split_tokens(args.root_dir, train_on if train_on in data.DOMAINS else args.test_on, 'train')
+    return None if rows is None else collections.Counter(t for _, tokens in rows for t in tokens)
+
+
 def device_name(device):
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
@@ -555,6 +570,8 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
         'predictions': os.path.abspath(tsv), 'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
         'args': vars(args)})
     result.update({f'ckpt_{k}': v for k, v in (ckpt_meta or {}).items()})
+    if args.errors:
+        result['token_errors'] = token_errors(golds, preds, train_token_counts(args, (ckpt_meta or {}).get('train_on')))
     write_json(js, result)
 
     print(f'{args.test_on}/{args.split}: {len(records)} formulas, {weights} weights of {checkpoint}, {decoding}')
@@ -569,6 +586,8 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
               f'{metrics["render_failures_gold"]})')
     print(f'  search errors         {search_errors} (wrong predictions with a lower '
           f'{"joint score" if result["ctc_weight"] else "summed log-prob"} than the gold)')
+    if args.errors:
+        print(format_token_errors(result['token_errors']))
     print(f'  {len(records) / elapsed:.1f} formulas/s on {device}' if elapsed > 0 else '')
     if problems is not None and len(problems):
         print(f'  {problems.summary()}')

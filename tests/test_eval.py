@@ -1,6 +1,7 @@
 """test.py, metrics.py and transformer.decode_dataset: metrics against hand computations, prediction
 files, decoding records, transcription of mixed image files, teacher selection, out-of-vocab gold
 tokens and an end-to-end run on the demo data."""
+import collections
 import json
 import math
 import os
@@ -117,6 +118,24 @@ def test_edit_distance_is_over_tokens_not_characters():
     assert metrics.edit_accuracy([T('\\alpha + 1')], [T('\\beta + 1')]) == pytest.approx(1 - 1 / 3)
     # a transposition is 2 edits in Levenshtein distance
     assert metrics.normalized_edit_distance([T('a b')], [T('b a')]) == pytest.approx(1.0)
+
+
+def test_token_errors_by_hand():
+    """Substitution, deletion and insertion from the Levenshtein alignment; recall per training-count band."""
+    golds = [['x', '^', '{', '2', '}'], ['a', '+', 'b'], ['a', 'b']]
+    preds = [['x', '^', '{', '3', '}'], ['a', 'b'], ['a', 'b', 'c']]
+    counts = {'x': 5, '^': 200, '{': 2000, '}': 2000, '2': 50, 'b': 3}      # a and + never seen in train
+    e = metrics.token_errors(golds, preds, counts)
+    assert e['substitutions'] == [['2', '3', 1]]
+    assert sorted(e['missed']) == [['+', 1, 1], ['2', 1, 1]] and e['inserted'] == [['c', 1]]
+    bands = {r['band']: (r['types'], r['gold'], r['recall']) for r in e['recall_by_train_count']}
+    assert bands == {'0': (2, 3, pytest.approx(2 / 3)), '1-9': (2, 3, 1.0), '10-99': (1, 1, 0.0),
+                     '100-999': (1, 1, 1.0), '1000+': (2, 2, 1.0)}
+    assert 'recall_by_train_count' not in metrics.token_errors(golds, preds)
+    perfect = metrics.token_errors(golds, golds, counts)
+    assert perfect['substitutions'] == perfect['missed'] == perfect['inserted'] == []
+    assert all(r['recall'] == 1.0 for r in perfect['recall_by_train_count'])
+    assert '2 -> 3 1' in metrics.format_token_errors(e)
 
 
 def test_metrics_of_empty_and_perfect_inputs():
@@ -463,7 +482,7 @@ def test_end_to_end_on_demo_data(demo_root, tmp_path, capsys):
     report = tmp_path / 'worst.html'
     code = ev.main(['--root_dir', demo_root, '--test_on', 'chemistry', '--weights', ckpt, '--out_dir',
                     str(tmp_path / 'runs'), '--max_len', '8', '--batchsz', '16', '--device', 'cpu',
-                    '--render_eval', '--report', str(report), '--report_n', '3'])
+                    '--render_eval', '--report', str(report), '--report_n', '3', '--errors'])
     assert code == 0
     out = capsys.readouterr().out
     assert 'BLEU-4' in out and 'exact match' in out and 'image match' in out
@@ -488,6 +507,12 @@ def test_end_to_end_on_demo_data(demo_root, tmp_path, capsys):
     assert meta['search_errors'] == sum(r.gold != r.pred and r.score_gold > r.score_pred + 1e-4 for r in rows)
     m = metrics.compute_metrics([r.gold for r in rows], [r.pred for r in rows])
     assert meta['bleu4'] == pytest.approx(m['bleu4']) and meta['exact_match'] == pytest.approx(m['exact_match'])
+    # --errors: bands by occurrences in the train labels of the checkpoint's domain (math), not chemistry's
+    counts = collections.Counter(t for _, tokens in data.split_tokens(demo_root, 'math', 'train') for t in tokens)
+    assert meta['token_errors'] == json.loads(json.dumps(metrics.token_errors([r.gold for r in rows],
+                                                                              [r.pred for r in rows], counts)))
+    assert sum(r['gold'] for r in meta['token_errors']['recall_by_train_count']) == sum(len(r.gold) for r in rows)
+    assert 'gold tokens recovered, by training count' in out
     page = report.read_text(encoding='utf-8')
     assert page.count('<tr>') == 1 + 3 and 'data:image/png;base64,' in page
 
