@@ -14,6 +14,8 @@ render both the same way, binarize, drop blank columns, compare the column seque
     image match          share of samples whose column sequences are equal
     column edit accuracy 1 - sum of column edit distances / sum of the longer column counts
 """
+from collections import Counter
+
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 from sacrebleu.metrics import BLEU
@@ -130,7 +132,6 @@ def token_errors(golds, preds, train_counts=None, top=TOP_ERRORS, bands=TRAIN_CO
                        occurrences}): share of gold tokens recovered, per band of training occurrences.
     Example: gold `x ^ { 2 }`, pred `x ^ { 3 }`: substitution 2 -> 3, missed 2 (1 of 1), recall 4 / 5.
     Where several alignments have the same distance rapidfuzz picks one (deterministically)."""
-    from collections import Counter
     _check_pairs(golds, preds)
     subs, missed, inserted, gold_n, kept = Counter(), Counter(), Counter(), Counter(), Counter()
     for g, p in zip(golds, preds):
