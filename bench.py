@@ -1185,6 +1185,8 @@ def part_grad_norms(model, mb):
     loss.backward()
     parts = {'backbone': model.encoder.backbone, 'nonlocal': model.encoder.nonlocal_blocks,
              'projection': model.encoder.proj, 'decoder': model.decoder}
+    if model.encoder.skip_proj is not None:       # the stage-5 skip of a coarser head stride
+        parts['skip'] = model.encoder.skip_proj
     norms = {}
     for name, module in parts.items():
         grads = [p.grad.norm() ** 2 for p in module.parameters() if p.grad is not None]

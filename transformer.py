@@ -9,6 +9,9 @@ Encoder (Tan & Le, "EfficientNet", ICML 2019; efficientnet_pytorch 0.7.1, built 
     -> _conv_head + _bn1 + swish: (B, 1280, h, w), h = ceil(H/16), w = ceil(W/16) (W/8 with 16x8)
     -> the "changed final FC": Linear(1280 -> d_model) at every position (the ImageNet `_fc` only saw
        the pooled vector and is dropped), + 2D sinusoidal positions -> memory (B, S = h*w, d_model)
+    With a head_stride coarser than the output stride (train.py's default: 16x16 with 16x8), stages
+    6-7 and the head run at the head stride; their projection is repeated back to the output stride
+    and added to a projection of block 10's output (a top-down skip, see Encoder).
 Decoder (Vaswani et al., "Attention is all you need", NeurIPS 2017; pre-norm as in Xiong et al.,
 "On layer normalization in the transformer architecture", ICML 2020):
     scaled token embedding + 1D sinusoidal positions, N x [causal self-attention, cross-attention to
@@ -58,9 +61,11 @@ DEFAULT_NONLOCAL_AFTER = (10, 14)
 # exist to tune them.
 DEFAULTS = dict(d_model=256, nhead=8, num_layers=3, dim_ff=1024, dropout=0.1, max_len=512,
                 output_stride=16, nonlocal_after=DEFAULT_NONLOCAL_AFTER, nonlocal_subsample=True,
-                drop_connect=0.2, bn_momentum=0.1, memory_norm=False, ctc_frames=0, backbone_weights=None)
+                drop_connect=0.2, bn_momentum=0.1, memory_norm=False, ctc_frames=0, backbone_weights=None,
+                head_stride=None)
 
 NUM_BLOCKS_B0 = 16
+SKIP_BLOCK = 10         # last block of stage 5 (112 ch): the fine-stride skip of a coarser head_stride
 # index into efficientnet_pytorch's 7 stage block_args: stage 4 (blocks 5-7) and stage 6 (blocks 11-14)
 _STAGE4, _STAGE6 = 3, 5
 
@@ -108,7 +113,23 @@ def output_strides(output_stride):
     return int(pair[0]), int(pair[1])
 
 
-def _build_backbone(output_stride, drop_connect, bn_momentum=0.1):
+def head_strides(output_stride, head_stride):
+    """The stride (rows, columns) of stages 6-7 and the head: head_stride, or the output stride when None.
+    Per axis it must equal the output stride or double it (a coarser head whose output is upsampled back
+    to the output stride, see Encoder). Raises ValueError."""
+    out = output_strides(output_stride)
+    if head_stride is None:
+        return out
+    head = output_strides(head_stride)
+    if any(h not in (o, 2 * o) for o, h in zip(out, head)):
+        raise ValueError(f'head_stride={head_stride!r}: each axis must equal the output stride {out} or double it')
+    if head != out and 32 in out:
+        raise ValueError(f'head_stride={head_stride!r}: a coarser head needs an output stride of 8 or 16 on '
+                         f'both axes (stage 5, the skip, runs at 16 at most), got {out}')
+    return head
+
+
+def _build_backbone(output_stride, drop_connect, bn_momentum=0.1, head_stride=None):
     """efficientnet_pytorch B0 without any download: image_size=None gives dynamic "SAME" padding
     (output = ceil(input / stride) for every size; the default 224 makes static padding that floors
     other sizes), include_top=False drops `_fc` (unused: it only sees the pooled vector),
@@ -116,7 +137,9 @@ def _build_backbone(output_stride, drop_connect, bn_momentum=0.1):
     output_stride (rows, columns): B0 halves both axes in the stem and in the first blocks of stages 2,
     3, 4 and 6 (cumulative 2, 4, 8, 16, 32); each axis keeps the halvings of stages 4 and 6 only up to
     its stride. Example (16, 8) on a 40x150 image: stages 4-5 at 5x19 -> 3x19 (rows halved, columns
-    not), stages 6-7 at 3x19 (neither), so the memory is 3 rows x 19 columns instead of 3 x 10."""
+    not), stages 6-7 at 3x19 (neither), so the memory is 3 rows x 19 columns instead of 3 x 10.
+    head_stride (rows, columns), coarser than the output stride on an axis: stage 6 halves that axis
+    too; head_stride (16, 16) with output stride (16, 8) runs stages 6-7 at 3x10 on that image."""
     from efficientnet_pytorch import EfficientNet
     from efficientnet_pytorch.utils import get_model_params
     blocks_args, global_params = get_model_params(
@@ -124,10 +147,13 @@ def _build_backbone(output_stride, drop_connect, bn_momentum=0.1):
                             # efficientnet_pytorch stores TF's decay (0.99 = torch momentum 0.01)
                             'batch_norm_momentum': 1.0 - bn_momentum})
     rows, cols = output_strides(output_stride)
+    head = head_strides(output_stride, head_stride)
     # the first block of stage 4 (block 5) takes the axis from stride 8 to 16, that of stage 6 (block 11)
-    # from 16 to 32; a (row, column) stride list becomes the depthwise conv's stride tuple
+    # from 16 to 32 (or from the output stride to the head's); a (row, column) stride list becomes the
+    # depthwise conv's stride tuple
     blocks_args[_STAGE4] = blocks_args[_STAGE4]._replace(stride=[2 if rows >= 16 else 1, 2 if cols >= 16 else 1])
-    blocks_args[_STAGE6] = blocks_args[_STAGE6]._replace(stride=[2 if rows >= 32 else 1, 2 if cols >= 32 else 1])
+    blocks_args[_STAGE6] = blocks_args[_STAGE6]._replace(
+        stride=[2 if o >= 32 or h > o else 1 for o, h in zip((rows, cols), head)])
     net = EfficientNet(blocks_args, global_params)
     net._change_in_channels(1)    # fresh 1-channel stem (dynamic padding since image_size is None)
     # nn.SiLU == x * sigmoid(x) == efficientnet_pytorch's swish, as one fused kernel each way (its
@@ -180,13 +206,26 @@ class Encoder(nn.Module):
     encoder-decoders normalise their encoder output (Xiong et al. 2020, "On Layer Normalization in the
     Transformer Architecture"). Without it the projection can shrink the image content far below the
     unit-scale sinusoids (or learn to cancel them), so cross-attention sees a memory that barely varies
-    with the image and the decoder settles on the language model of the labels."""
+    with the image and the decoder settles on the language model of the labels.
+
+    head_stride coarser than output_stride (e.g. 16x16 with 16x8): stages 6-7 and the head run at the
+    coarser stride, where most of B0's computation is (1152 expanded channels); their projected output
+    is repeated back to the output stride and added to a projection of stage 5's output (block 10,
+    112 ch), which is at the output stride: a top-down skip as in FPN (Lin et al., CVPR 2017) and
+    U-Net. Example, a 48x512 image at output stride 16x8: stage 5 gives 3x64, the head 3x32; the
+    head's column j feeds memory columns 2j and 2j+1, and each memory column adds its own stage-5
+    features, so the memory keeps 3x64 positions."""
 
     def __init__(self, d_model, output_stride=16, nonlocal_after=DEFAULT_NONLOCAL_AFTER,
-                 nonlocal_subsample=True, drop_connect=0.2, bn_momentum=0.1, memory_norm=False):
+                 nonlocal_subsample=True, drop_connect=0.2, bn_momentum=0.1, memory_norm=False,
+                 head_stride=None):
         super().__init__()
         self.d_model = d_model
-        self.backbone = _build_backbone(output_stride, drop_connect, bn_momentum)
+        self.backbone = _build_backbone(output_stride, drop_connect, bn_momentum, head_stride)
+        out = output_strides(output_stride)
+        self.upsample = tuple(h // o for o, h in zip(out, head_strides(output_stride, head_stride)))  # (1|2, 1|2)
+        skip_channels = self.backbone._blocks[SKIP_BLOCK]._bn2.num_features     # 112
+        self.skip_proj = nn.Linear(skip_channels, d_model) if self.upsample != (1, 1) else None
         self.nonlocal_blocks = nn.ModuleDict()
         for idx in nonlocal_after:
             channels = self.backbone._blocks[idx]._bn2.num_features   # output channels of block idx
@@ -229,9 +268,10 @@ class Encoder(nn.Module):
             p.requires_grad_(False)
         return sum(p.numel() for p in params)
 
-    def feature_map(self, images):
-        """(B, 1, H, W) -> (B, 1280, h, w). Same computation as EfficientNet.extract_features, with the
-        block loop re-run here to insert the non-local blocks (same drop-connect scaling)."""
+    def feature_map(self, images, skip=None):
+        """(B, 1, H, W) -> (B, 1280, h', w') at the head stride. Same computation as
+        EfficientNet.extract_features, with the block loop re-run here to insert the non-local blocks
+        (same drop-connect scaling). skip: a list that receives block SKIP_BLOCK's output (B, 112, h, w)."""
         net = self.backbone
         x = net._swish(net._bn0(net._conv_stem(images)))              # (B, 32, ceil(H/2), ceil(W/2))
         n = len(net._blocks)
@@ -243,14 +283,22 @@ class Encoder(nn.Module):
             key = str(idx)
             if key in self.nonlocal_blocks:
                 x = self.nonlocal_blocks[key](x)
+            if skip is not None and idx == SKIP_BLOCK:
+                skip.append(x)
         return net._swish(net._bn1(net._conv_head(x)))                # (B, 1280, h, w)
 
     def content(self, images):
         """(B, 1, H, W) -> the image content per position, before positions are added: (B, h, w, d_model)."""
         if images.dim() != 4 or images.shape[1] != 1:
             raise ValueError(f'expected images of shape (B, 1, H, W), got {tuple(images.shape)}')
-        x = self.feature_map(images).permute(0, 2, 3, 1)             # (B, h, w, 1280)
-        x = self.proj(x)                                              # (B, h, w, d_model)
+        skip = [] if self.skip_proj is not None else None
+        x = self.feature_map(images, skip).permute(0, 2, 3, 1)       # (B, h', w', 1280)
+        x = self.proj(x)                                              # (B, h', w', d_model)
+        if skip is not None:
+            fine = skip[0].permute(0, 2, 3, 1)                        # (B, h, w, 112), h' = ceil(h / 2) etc.
+            h, w = fine.shape[1:3]
+            x = x.repeat_interleave(self.upsample[0], 1).repeat_interleave(self.upsample[1], 2)[:, :h, :w]
+            x = x + self.skip_proj(fine)                              # (B, h, w, d_model)
         return self.norm(x) if self.norm is not None else x
 
     def memory(self, content):
@@ -544,7 +592,7 @@ class Im2LatexModel(nn.Module):
     def __init__(self, vocab_size, d_model=256, nhead=8, num_layers=3, dim_ff=1024, dropout=0.1,
                  max_len=512, output_stride=16, nonlocal_after=DEFAULT_NONLOCAL_AFTER,
                  nonlocal_subsample=True, drop_connect=0.2, bn_momentum=0.1, memory_norm=False,
-                 ctc_frames=0, backbone_weights=None):
+                 ctc_frames=0, backbone_weights=None, head_stride=None):
         super().__init__()
         nonlocal_after = [int(i) for i in nonlocal_after]
         if vocab_size <= EOS:
@@ -553,6 +601,8 @@ class Im2LatexModel(nn.Module):
             raise ValueError(f'd_model={d_model} must be divisible by nhead={nhead} and by 4 (2D positions)')
         rows, cols = output_strides(output_stride)
         output_stride = rows if rows == cols else [rows, cols]    # JSON-able; a square stride stays an int
+        head = head_strides(output_stride, head_stride)
+        head_stride = None if head == (rows, cols) else (head[0] if head[0] == head[1] else list(head))
         if len(set(nonlocal_after)) != len(nonlocal_after) or any(
                 not 0 <= i < NUM_BLOCKS_B0 for i in nonlocal_after):
             raise ValueError(f'nonlocal_after={nonlocal_after}: distinct block indexes in 0..{NUM_BLOCKS_B0 - 1}')
@@ -560,10 +610,11 @@ class Im2LatexModel(nn.Module):
                             dim_ff=dim_ff, dropout=dropout, max_len=max_len, output_stride=output_stride,
                             nonlocal_after=nonlocal_after, nonlocal_subsample=bool(nonlocal_subsample),
                             drop_connect=drop_connect, bn_momentum=bn_momentum,
-                            memory_norm=bool(memory_norm), ctc_frames=int(ctc_frames), backbone_weights=None)
+                            memory_norm=bool(memory_norm), ctc_frames=int(ctc_frames), backbone_weights=None,
+                            head_stride=head_stride)
         self.vocab_size = int(vocab_size)
         self.encoder = Encoder(d_model, output_stride, nonlocal_after, nonlocal_subsample, drop_connect,
-                               bn_momentum, memory_norm)
+                               bn_momentum, memory_norm, head_stride)
         self.decoder = Decoder(vocab_size, d_model, nhead, num_layers, dim_ff, dropout, max_len)
         # frame f of a column = outputs [f*V, (f+1)*V) of the head (see ctc_log_probs)
         self.ctc_head = nn.Linear(d_model, ctc_frames * self.vocab_size) if ctc_frames > 0 else None

@@ -152,7 +152,7 @@ def test_learn_benchmark_tiny_budget(tmp_path):
     assert set(d) >= {'ce_true', 'ce_shuffled', 'ce_blank', 'attention_entropy', 'attention_uniform_entropy',
                       'grad_norms'}
     assert 0 < d['attention_entropy'] <= d['attention_uniform_entropy'] + 1e-6
-    assert set(d['grad_norms']) == {'backbone', 'nonlocal', 'projection', 'decoder'}
+    assert set(d['grad_norms']) == {'backbone', 'nonlocal', 'projection', 'skip', 'decoder'}   # default head stride 16x16
     with open(tmp_path / 'out' / 'learn.png', 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 

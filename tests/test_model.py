@@ -105,6 +105,47 @@ def test_other_output_strides(stride):
     assert model.hparams['output_stride'] == (rows if rows == cols else [rows, cols])   # JSON-able
 
 
+@pytest.mark.parametrize('stride,head', [((16, 8), 16), ((16, 8), (32, 16)), (8, (16, 8)), (16, 32)])
+def test_head_stride_keeps_the_memory_at_the_output_stride(stride, head):
+    """A coarser head (stages 6-7) runs at head_stride and is upsampled back to the output stride,
+    where a projection of stage 5's output is added: memory and CTC columns keep the output stride."""
+    rows, cols = (stride, stride) if isinstance(stride, int) else stride
+    hr, hc = (head, head) if isinstance(head, int) else head
+    model = Im2LatexModel(20, output_stride=stride, head_stride=head, ctc_frames=2, memory_norm=True, **SMALL).eval()
+    images = torch.rand(2, 1, 33, 97)
+    with torch.no_grad():
+        fmap = model.encoder.feature_map(images)
+        content = model.encoder.content(images)
+    assert fmap.shape[-2:] == (ceil_div(33, hr), ceil_div(97, hc))
+    assert content.shape == (2, ceil_div(33, rows), ceil_div(97, cols), 64)
+    assert model.ctc_log_probs(content).shape == (2 * ceil_div(97, cols), 2, 20)
+    assert model.encoder.skip_proj is not None
+    # the hparams rebuild the same architecture (a checkpoint's model)
+    again = build_model(model.hparams)
+    assert list(again.state_dict()) == list(model.state_dict())
+    # each memory position = head output at its coarse position + its own stage-5 projection
+    skip = []
+    with torch.no_grad():
+        coarse = model.encoder.proj(model.encoder.feature_map(images, skip).permute(0, 2, 3, 1))
+        fine = model.encoder.skip_proj(skip[0].permute(0, 2, 3, 1))
+        y, x = ceil_div(33, rows) - 1, ceil_div(97, cols) - 1
+        want = model.encoder.norm(coarse[:, y * rows // hr, x * cols // hc] + fine[:, y, x])
+    assert torch.allclose(content[:, y, x], want, atol=1e-5)
+
+
+def test_head_stride_equal_to_the_output_stride_is_the_plain_model():
+    a = Im2LatexModel(20, output_stride=(16, 8), head_stride=(16, 8), **SMALL)
+    b = Im2LatexModel(20, output_stride=(16, 8), **SMALL)
+    assert a.hparams['head_stride'] is None and a.encoder.skip_proj is None
+    assert list(a.state_dict()) == list(b.state_dict())
+
+
+@pytest.mark.parametrize('stride,head', [((16, 8), (16, 32)), ((16, 8), 8), ((16, 8), 32), ((32, 8), (32, 16))])
+def test_head_stride_rejects_what_it_cannot_build(stride, head):
+    with pytest.raises(ValueError, match='head_stride'):
+        Im2LatexModel(20, output_stride=stride, head_stride=head, **SMALL)
+
+
 def test_output_stride_changes_no_weights():
     """A stride is a property of the forward pass: (16, 8) has exactly the parameters of 16, so weights
     move between the two (and old checkpoints, which stored an int, load as before)."""
