@@ -61,7 +61,7 @@ RAMPUP = 5.0            # epochs of the sigmoid-shaped ramp-up
 MAX_LEN = 150           # longest formula (tokens) trained on / decoded
 WARMUP = 0              # steps of linear lr warm-up (on top of the schedule)
 OUTPUT_STRIDE = '16x8'  # encoder output stride, rows x columns (--output_stride)
-HEAD_STRIDE = [16, 16]  # stride of stages 6-7 and the head where the output stride allows it (--head_stride)
+HEAD_STRIDE = 16        # 16x16: stride of stages 6-7 and the head where the output stride allows it (--head_stride)
 CTC_FRAMES = 4          # frames per image column of the auxiliary CTC head (with --ctc > 0)
 CURRICULUM = 0          # epochs ordered from small to large images (--curriculum)
 SAVE_EVERY = '10m'      # last.pt at the first step boundary after 10 minutes of training: the work at risk
@@ -1008,8 +1008,7 @@ def stride_flag(text):
 def default_head_stride(output_stride):
     """HEAD_STRIDE where it is a valid head stride for output_stride, else the output stride itself."""
     try:
-        transformer.head_strides(output_stride, HEAD_STRIDE)
-        return list(HEAD_STRIDE) if HEAD_STRIDE[0] != HEAD_STRIDE[1] else HEAD_STRIDE[0]
+        return transformer.stride_value(transformer.head_strides(output_stride, HEAD_STRIDE))
     except ValueError:
         return output_stride
 

@@ -113,6 +113,11 @@ def output_strides(output_stride):
     return int(pair[0]), int(pair[1])
 
 
+def stride_value(pair):
+    """(rows, columns) -> the JSON-able stride of hparams and flags: an int when square, else [rows, columns]."""
+    return pair[0] if pair[0] == pair[1] else list(pair)
+
+
 def head_strides(output_stride, head_stride):
     """The stride (rows, columns) of stages 6-7 and the head: head_stride, or the output stride when None.
     Per axis it must equal the output stride or double it (a coarser head whose output is upsampled back
@@ -599,10 +604,9 @@ class Im2LatexModel(nn.Module):
             raise ValueError(f'vocab_size={vocab_size}: the vocab must hold at least <pad> <sos> <eos>')
         if d_model % nhead or d_model % 4:
             raise ValueError(f'd_model={d_model} must be divisible by nhead={nhead} and by 4 (2D positions)')
-        rows, cols = output_strides(output_stride)
-        output_stride = rows if rows == cols else [rows, cols]    # JSON-able; a square stride stays an int
-        head = head_strides(output_stride, head_stride)
-        head_stride = None if head == (rows, cols) else (head[0] if head[0] == head[1] else list(head))
+        out, head = output_strides(output_stride), head_strides(output_stride, head_stride)
+        output_stride = stride_value(out)                          # JSON-able; a square stride stays an int
+        head_stride = None if head == out else stride_value(head)
         if len(set(nonlocal_after)) != len(nonlocal_after) or any(
                 not 0 <= i < NUM_BLOCKS_B0 for i in nonlocal_after):
             raise ValueError(f'nonlocal_after={nonlocal_after}: distinct block indexes in 0..{NUM_BLOCKS_B0 - 1}')
