@@ -171,6 +171,16 @@ def total_steps(args, steps_per_epoch):
     return args.max_steps or max(1, args.epochs * steps_per_epoch)
 
 
+def schedule_position(step, total, time_share):
+    """The step (0-based, of `total`) whose lr the schedule gives next when `step` steps are done and
+    `time_share` of the time budget is spent: the larger of `step` and that share of the way to the last
+    step, total - 1. A budget-aware schedule (Li, Yumer & Ramanan, "Budgeted training", ICLR 2020): a run
+    that the clock stops before its last step still ends at the schedule's end, annealed, instead of
+    being cut at a high lr. With time_share 0 it is `step`.
+    Example: total 1,001, step 250, half the minutes spent -> position 500."""
+    return max(step, min(1.0, time_share) * (total - 1))
+
+
 def lr_schedule(args, step, steps_per_epoch):
     """(lr, SGD momentum or None) for optimizer step `step` (0-based). The one place the schedule lives:
     SGD follows OneCycle over the whole run; Adam decays the lr by --gamma after every epoch. Both are
@@ -231,9 +241,39 @@ class StepSchedule(torch.optim.lr_scheduler.LRScheduler):
         self._last_lr = [group['lr'] for group in self.optimizer.param_groups]
 
 
-def make_scheduler(args, optimizer, steps_per_epoch):
-    """The run's schedule (lr_schedule), stepped once after every optimizer step."""
-    return StepSchedule(optimizer, lambda step: lr_schedule(args, step, steps_per_epoch))
+def make_scheduler(args, optimizer, steps_per_epoch, clock=None):
+    """The run's schedule (lr_schedule), stepped once after every optimizer step. With --time_schedule
+    the RunClock `clock` moves it too: lr_schedule at schedule_position(step, total, clock.share)."""
+    total = total_steps(args, steps_per_epoch)
+
+    def fn(step):
+        share = clock.share if args.time_schedule and clock is not None else 0.0
+        return lr_schedule(args, schedule_position(step, total, share), steps_per_epoch)
+    return StepSchedule(optimizer, fn)
+
+
+@dataclasses.dataclass
+class RunClock:
+    """The run's training time over resumes: the seconds of earlier processes (a checkpoint keeps them)
+    plus this process's. `share` is the part of the time budget (--max_minutes) spent at the last
+    tick(), the largest over all ranks, so that every rank sets the same lr and stops at the same step."""
+    budget_s: float = 0.0                  # --max_minutes x 60; 0: no time budget
+    before: float = 0.0                    # seconds of the processes before a resume
+    started: float = dataclasses.field(default_factory=time.time)
+    share: float = 0.0
+
+    def seconds(self):
+        return self.before + time.time() - self.started
+
+    def restart(self, before):
+        """Continue a resumed run: `before` seconds were spent by the earlier processes."""
+        self.before, self.started = float(before), time.time()
+
+    def tick(self, world):
+        """Update `share` (one all-reduce when world > 1 and there is a budget). -> share."""
+        if self.budget_s > 0:
+            self.share = max_over_ranks(self.seconds() / self.budget_s, world)
+        return self.share
 
 
 def make_optimizer(args, model):
@@ -305,6 +345,15 @@ def agree(flags, world):
     return [v > 0 for v in t.tolist()]
 
 
+def max_over_ranks(value, world):
+    """The largest of all ranks' `value` (one all-reduce when world > 1)."""
+    if world == 1:
+        return float(value)
+    t = torch.tensor([float(value)], device=_dist_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
 def any_rank(flag, world):
     """True if `flag` is true on any rank (one all-reduce when world > 1)."""
     return agree([flag], world)[0]
@@ -368,6 +417,7 @@ def checkpoint_dict(run, rngs):
         'scaler': run.scaler.state_dict() if run.scaler.is_enabled() else None,
         'epoch': state['epoch'], 'step': state['step'], 'batch_in_epoch': state['batch_in_epoch'],
         'best_metric': state['best_metric'], 'skipped_steps': state['skipped_steps'],
+        'train_seconds': run.clock.seconds(),
         'vocab': run.vocab.itos, 'hparams': model.hparams, 'args': vars(run.args),
         'train_on': run.args.train_on, 'rng': rngs[0], 'rng_ranks': rngs if len(rngs) > 1 else None,
     }
@@ -383,6 +433,8 @@ def restore(run, ckpt):
         run.scaler.load_state_dict(ckpt['scaler'])
     for k in run.state:
         run.state[k] = ckpt.get(k, run.state[k])
+    run.clock.restart(ckpt.get('train_seconds', 0.0))   # checkpoints before the run clock: 0
+    run.clock.tick(run.world)
     run.scheduler.go_to(run.state['step'])
     if {'gamma', 'total_steps'} & set(ckpt.get('scheduler') or {}):
         run.log(f'(converted the older checkpoint\'s {"Adam per-epoch" if run.args.Adam else "OneCycle"} '
@@ -469,7 +521,7 @@ class Trainer:
     log: Callable = print
     writer: Any = None
     state: dict = dataclasses.field(default_factory=new_counters)
-    started: float = dataclasses.field(default_factory=time.time)    # for --max_minutes and the history
+    clock: RunClock = dataclasses.field(default_factory=RunClock)    # --max_minutes, --time_schedule
     last_save: float = dataclasses.field(default_factory=time.time)  # for --save_every in minutes
 
     def n_epochs(self):
@@ -499,6 +551,7 @@ class Trainer:
         if out['skipped']:
             self.state['skipped_steps'] += 1
             self.log(f'step {self.state["step"]}: {why}, step skipped ({self.state["skipped_steps"]} so far)')
+        self.clock.tick(self.world)                 # before the schedule: --time_schedule reads it
         self.scheduler.step()
         self.state['step'] += 1
         self.state['batch_in_epoch'] += 1
@@ -628,11 +681,11 @@ class Trainer:
                 self.log(f'  saved {path} at step {self.state["step"]}')
 
     def budget_spent(self):
-        """--max_steps reached, or --max_minutes of this process's training passed (agreed by all ranks)."""
+        """--max_steps reached, or --max_minutes of the run's training passed (at the last clock tick,
+        which all ranks agree on)."""
         if self.args.max_steps and self.state['step'] >= self.args.max_steps:
             return True
-        late = bool(self.args.max_minutes) and time.time() - self.started > 60.0 * self.args.max_minutes
-        return any_rank(late, self.world) if self.args.max_minutes else False
+        return bool(self.args.max_minutes) and self.clock.share >= 1.0
 
     def log_step(self, out, pbar, images_per_s):
         """Progress bar; every --log_every steps the objective, its parts and weights to TensorBoard."""
@@ -652,7 +705,7 @@ class Trainer:
         for k, v in scalars.items():
             self.writer.add_scalar(f'train/{k}', v, s)
         self.history(dict(step=s, epoch=round(self.progress(), 4), **scalars,
-                          elapsed_s=round(time.time() - self.started, 2)))
+                          elapsed_s=round(self.clock.seconds(), 2)))
 
     def history(self, row):
         """Rank 0: append one JSON line to run_dir/history.jsonl (training rows every --log_every steps,
@@ -855,8 +908,13 @@ def make_parser():
                    help='train exactly this many optimizer steps (sets the epoch count; the last epoch may be '
                         'partial; the schedule spans these steps). 0: --epochs decides')
     g.add_argument('--max_minutes', type=float, default=0.0,
-                   help='stop at the first step boundary after this many minutes of this run (then validate and '
-                        'save as at an epoch end). 0: no time limit')
+                   help='stop at the first step boundary after this many minutes of training in this run, '
+                        'counted over resumes (then validate and save as at an epoch end). 0: no time limit')
+    g.add_argument('--time_schedule', action='store_true',
+                   help='with --max_minutes: the lr schedule follows the clock as well as the steps (its position '
+                        'is the larger of the share of steps and the share of minutes done), so a run that the '
+                        'clock stops ends annealed instead of cut at a high lr; the steps then depend on the '
+                        "machine's speed")
     g.add_argument('--warmup', type=int, default=WARMUP, help='steps of linear lr warm-up (0: none)')
     g.add_argument('--initlr', type=float, default=None,
                    help=f'peak lr of OneCycle (SGD) or initial lr (Adam); None: {SGD_PEAK_LR} with SGD, '
@@ -955,6 +1013,8 @@ def get_args(argv=None):
             min(args.ctc_frames, args.val_every) < 1:
         p.error('--max_steps, --max_minutes, --warmup, --ctc and --curriculum must be >= 0, --ctc_frames and '
                 '--val_every >= 1')
+    if args.time_schedule and not args.max_minutes:
+        p.error('--time_schedule runs the schedule to the end of --max_minutes: give --max_minutes')
     if not 0.0 <= args.token_dropout <= 1.0:
         p.error(f'--token_dropout is a probability: expected a value in [0, 1], got {args.token_dropout}')
     if args.freeze and not (args.init_from or args.backbone_weights or args.resume):
@@ -1076,7 +1136,10 @@ def resume_args(args, given, log):
 
 
 def run_finished(args, ckpt):
-    """True when checkpoint `ckpt` ends the run of `args` (its --max_steps, else its --epochs)."""
+    """True when checkpoint `ckpt` ends the run of `args`: its --max_steps (else its --epochs) done, or
+    its --max_minutes of training spent (a resume may give a larger --max_minutes to go on)."""
+    if args.max_minutes and ckpt.get('train_seconds', 0.0) >= 60.0 * args.max_minutes:
+        return True
     return ckpt['step'] >= args.max_steps if args.max_steps else ckpt['epoch'] >= args.epochs
 
 
@@ -1229,6 +1292,7 @@ def init_from(args, tokens):
 def build_trainer(args, model, teacher, vocab, device, amp_dtype, d, rank, world, log):
     """Optimizer, schedule, scaler, the compiled / DDP-wrapped model around `model`. -> Trainer."""
     optimizer = make_optimizer(args, model)
+    clock = RunClock(budget_s=60.0 * args.max_minutes)
     run_model = model
     if args.compile:
         # one graph per (bucket size, batch size): 20-32 buckets x (full, last) batches exceed dynamo's
@@ -1241,9 +1305,10 @@ def build_trainer(args, model, teacher, vocab, device, amp_dtype, d, rank, world
     if world > 1:
         run_model = torch.nn.parallel.DistributedDataParallel(
             run_model, device_ids=[device.index] if device.type == 'cuda' else None)
-    return Trainer(args, run_model, teacher, optimizer, make_scheduler(args, optimizer, d.steps_per_epoch),
+    return Trainer(args, run_model, teacher, optimizer, make_scheduler(args, optimizer, d.steps_per_epoch, clock),
                    torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), amp_dtype, device,
-                   vocab, d.steps_per_epoch, os.path.join(args.out_dir, args.train_on), rank, world, log)
+                   vocab, d.steps_per_epoch, os.path.join(args.out_dir, args.train_on), rank, world, log,
+                   clock=clock)
 
 
 def main(argv=None):
@@ -1251,7 +1316,8 @@ def main(argv=None):
     log = print if int(os.environ.get('RANK', 0)) == 0 else (lambda *a, **k: None)   # rank 0 logs
     args, ckpt = resume_args(args, given_flags(argv), log)
     if ckpt is not None and run_finished(args, ckpt):
-        log(f'that run already finished (epoch {ckpt["epoch"]}, step {ckpt["step"]}); nothing to do')
+        log(f'that run already finished (epoch {ckpt["epoch"]}, step {ckpt["step"]}, '
+            f'{ckpt.get("train_seconds", 0.0) / 60:.1f} minutes of training); nothing to do')
         return ckpt
     rank, world, local_rank = init_distributed(args.device)
     device = pick_device(args.device, local_rank)

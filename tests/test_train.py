@@ -452,6 +452,61 @@ def test_warmup_scales_the_schedule_linearly():
             assert lr == pytest.approx(base * min(1.0, (step + 1) / 4))
 
 
+def test_time_schedule_position_by_hand():
+    """schedule_position: the larger of the step and the time share of the way to the last step (total - 1),
+    the share capped at 1."""
+    assert train.schedule_position(250, 1001, 0.5) == 500
+    assert train.schedule_position(700, 1001, 0.5) == 700
+    assert train.schedule_position(10, 1001, 3.0) == 1000
+    assert train.schedule_position(7, 1001, 0.0) == 7
+
+
+def test_time_schedule_follows_the_clock_only_when_asked():
+    """With --time_schedule a clock share of 0.5 at step 10 of 100 puts OneCycle at step 49.5 (past its
+    peak at 29), a share of 1 at its last step (initlr / 25 / 1e4); without the flag the clock changes
+    nothing."""
+    steps = ['--initlr', '0.1', '--max_steps', '100', '--max_minutes', '5']
+    for flags, at_half, at_end in (([], 10, 10), (['--time_schedule'], 49.5, 99)):
+        args = train.get_args(steps + flags)
+        opt = train.make_optimizer(args, torch.nn.Linear(2, 2))
+        clock = train.RunClock(budget_s=300.0)
+        sched = train.make_scheduler(args, opt, 10, clock)
+        sched.go_to(10)
+        assert opt.param_groups[0]['lr'] == pytest.approx(train.lr_schedule(args, 10, 10)[0])
+        clock.share = 0.5
+        sched.go_to(10)
+        assert opt.param_groups[0]['lr'] == pytest.approx(train.lr_schedule(args, at_half, 10)[0])
+        clock.share = 1.0
+        sched.go_to(10)
+        assert opt.param_groups[0]['lr'] == pytest.approx(train.lr_schedule(args, at_end, 10)[0])
+    assert train.lr_schedule(args, 99, 10)[0] == pytest.approx(0.1 / 25 / 1e4)
+    with pytest.raises(SystemExit):
+        train.get_args(['--time_schedule'])                  # no --max_minutes: nothing to follow
+
+
+def test_time_schedule_run_ends_annealed_and_its_minutes_count_over_resumes(uniform_root, tmp_path, capsys):
+    """A run that --max_minutes stops long before --max_steps: with --time_schedule its last lr is the
+    schedule's end; last.pt keeps the minutes spent, so a resume with the same budget has nothing to do
+    and one with a larger budget goes on from there, annealing again by the end of the new budget."""
+    common = ('--batchsz', '8', '--max_steps', '100000', '--initlr', '0.05', '--time_schedule', '--val_max', '4')
+    state = run(uniform_root, tmp_path, *common, '--max_minutes', '0.08')
+    assert 2 <= state['step'] < 100000
+    ckpt = load(tmp_path / 'math' / 'last.pt')
+    assert ckpt['train_seconds'] >= 0.08 * 60
+    rows = [json.loads(line) for line in (tmp_path / 'math' / 'history.jsonl').read_text().splitlines()]
+    lrs = [r['lr'] for r in rows if 'lr' in r]
+    assert lrs[-1] == pytest.approx(0.05 / 25 / 1e4) and max(lrs) > 100 * lrs[-1]
+    capsys.readouterr()
+    run(uniform_root, tmp_path, '--resume', '--max_minutes', '0.08')
+    assert 'already finished' in capsys.readouterr().out
+    more = run(uniform_root, tmp_path, '--resume', '--max_minutes', '0.12')
+    assert more['step'] > state['step']
+    later = load(tmp_path / 'math' / 'last.pt')
+    assert later['train_seconds'] >= 0.12 * 60 > ckpt['train_seconds']
+    rows = [json.loads(line) for line in (tmp_path / 'math' / 'history.jsonl').read_text().splitlines()]
+    assert [r['lr'] for r in rows if 'lr' in r][-1] == pytest.approx(0.05 / 25 / 1e4)
+
+
 def test_ctc_loss_by_hand():
     """Three frames, vocab {blank=<pad>, <sos>, <eos>, a}: target `a`. The frames put probability p_t on
     `a` and 1 - p_t on blank; the paths that emit `a` are a--, -a-, --a, aa-, -aa, aaa (CTC collapses
