@@ -389,7 +389,9 @@ def get_args(argv=None):
                    help='beam search ranks hypotheses by sum log p / ((5 + length) / 6) ** this (GNMT); '
                         '0 = no length normalisation')
     g.add_argument('--max_len', type=int, default=MAX_LEN, help='decode at most this many tokens')
-    g.add_argument('--batchsz', type=int, default=BATCHSZ, help='images per decoding batch (one size each)')
+    g.add_argument('--batchsz', type=int, default=BATCHSZ, help='images per decoding batch: each image size is encoded alone, and consecutive sizes '
+                        'are decoded together up to this many images, their memories padded and masked (1: every '
+                        'size alone)')
     g.add_argument('--workers', type=int, default=-1,
                    help='DataLoader workers / image-loading threads (-1: 0 on CPU, 4 on CUDA)')
     g.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
@@ -531,7 +533,7 @@ def evaluate(args, model, loader, vocab, device, amp_dtype, checkpoint, weights,
     t0 = time.perf_counter()
     records = decode_dataset(model, loader, vocab, beam=args.beam, max_len=args.max_len, amp_dtype=amp_dtype,
                              device=device, length_penalty=args.length_penalty, desc=f'{args.test_on}/{args.split}',
-                             ctc_weight=args.ctc_weight,
+                             ctc_weight=args.ctc_weight, batch_rows=args.batchsz,
                              progress=rank == 0)
     records = sorted(gather_lists(records, world), key=lambda r: r.index)
     elapsed = time.perf_counter() - t0

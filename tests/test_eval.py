@@ -354,10 +354,11 @@ class _Oracle(torch.nn.Module):
                       for a, t in zip(arrays, token_lists)}
 
     def encode(self, images):
-        return images                                         # the "memory" is the image itself
+        return images.flatten(1)[:, :, None]                  # the "memory" (B, H*W, 1) is the image itself
 
-    def greedy(self, images=None, memory=None, max_len=150):
-        ids = [self.table[m.numpy().tobytes()][:max_len] for m in memory]
+    def greedy(self, images=None, memory=None, max_len=150, memory_pad_mask=None):
+        rows = memory if memory_pad_mask is None else [m[~p] for m, p in zip(memory, memory_pad_mask)]
+        ids = [self.table[m.flatten().numpy().tobytes()][:max_len] for m in rows]
         return ids, torch.zeros(len(ids))
 
     def sequence_logprob(self, images, tgt, memory=None):

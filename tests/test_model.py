@@ -14,8 +14,9 @@ from torch import nn
 from data import EOS, PAD, SOS, UNK
 from non_local_emb_gaussian import NonLocalBlock2D
 from checkpoint import load_checkpoint
-from transformer import (CTCPrefixScorer, Im2LatexModel, build_model, decode_batch, extend_vocab,
-                         gnmt_length_penalty, uses_ctc)
+from data import SPECIALS, Vocab
+from transformer import (CTCPrefixScorer, Im2LatexModel, build_model, decode_batch, decode_dataset, extend_vocab,
+                         gnmt_length_penalty, pad_ctc_frames, pad_memories, uses_ctc)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -751,6 +752,60 @@ def test_joint_beam_scores_are_the_joint_log_probs_and_rank_exhaustively():
         zero = model.beam_search_nbest(memory=memory[b:b + 1], beam=40, max_len=max_len, length_penalty=alpha,
                                        ctc_log_probs=lp[:, b:b + 1], ctc_weight=1e-9)[0]
         assert [h[2] for h in zero] == [h[2] for h in plain]
+
+
+def test_images_of_several_sizes_decode_together_as_alone():
+    """Memories of 3 lengths stacked by pad_memories (CTC frames by pad_ctc_frames) and decoded as one batch:
+    greedy, beam and joint beam give every image the tokens and score it gets alone; mask and blank frames
+    sit where the docstrings' example puts them."""
+    torch.manual_seed(10)
+    model = Im2LatexModel(12, d_model=32, nhead=4, num_layers=2, dim_ff=64, ctc_frames=2).eval()
+    mems = [torch.randn(2, 5, 32), torch.randn(1, 9, 32), torch.randn(2, 3, 32)]
+    lps = [torch.randn(t, m.shape[0], 12).log_softmax(-1) for t, m in zip((10, 18, 6), mems)]
+    memory, pad = pad_memories(mems)
+    assert memory.shape == (5, 9, 32) and pad.sum(1).tolist() == [4, 4, 0, 6, 6]
+    assert torch.equal(memory[0, :5], mems[0][0]) and not pad[0, :5].any() and (memory[0, 5:] == 0).all()
+    ctc = pad_ctc_frames(lps)
+    assert ctc.shape == (18, 5, 12) and torch.equal(ctc[:10, :2], lps[0])
+    assert (ctc[10:, :2, PAD] == 0).all() and (ctc[10:, :2, 4:] == float('-inf')).all()
+    alone = [(m[i:i + 1], lp[:, i:i + 1]) for m, lp in zip(mems, lps) for i in range(m.shape[0])]
+    for kw in (dict(beam=1), dict(beam=3), dict(beam=3, ctc_weight=0.5)):
+        ids, sc = decode_batch(model, memory=memory, memory_pad_mask=pad, ctc_log_probs=ctc, max_len=10, **kw)
+        for b, (m, lp) in enumerate(alone):
+            one, s1 = decode_batch(model, memory=m, ctc_log_probs=lp, max_len=10, **kw)
+            assert one[0] == ids[b] and s1[0].item() == pytest.approx(sc[b].item(), abs=1e-4), (kw, b)
+    unmasked, _ = decode_batch(model, memory=memory, beam=3, max_len=10)
+    assert unmasked != ids          # the padding, if attended, changes what is read
+
+
+class _Batches(list):
+    """A loader for decode_dataset: lists of micro-batches, and a dataset of their size."""
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.dataset = list(range(sum(len(mb['indices']) for b in batches for mb in b)))
+
+
+def test_decode_dataset_merges_sizes_and_gives_what_one_size_at_a_time_gives():
+    """decode_dataset with batch_rows=32 (sizes decoded together) against batch_rows=1 (each size alone):
+    the same predictions, prediction scores and gold scores, joint CTC decoding included."""
+    torch.manual_seed(11)
+    model = Im2LatexModel(12, d_model=32, nhead=4, num_layers=1, dim_ff=64, ctc_frames=2)
+    vocab = Vocab(list(SPECIALS) + list('abcdefgh'))
+    batches, n = [], 0
+    for h, w in [(32, 64), (32, 96), (48, 64), (16, 128)]:
+        tgt = torch.randint(4, 12, (2, 6))
+        tgt[:, 0], tgt[:, -1] = SOS, EOS
+        batches.append([{'images': torch.rand(2, 1, h, w), 'tgt': tgt, 'indices': torch.arange(n, n + 2)}])
+        n += 2
+    for kw in (dict(beam=1), dict(beam=3, ctc_weight=0.5)):
+        one = decode_dataset(model, _Batches(batches), vocab, max_len=8, progress=False, batch_rows=1, **kw)
+        together = decode_dataset(model, _Batches(batches), vocab, max_len=8, progress=False, **kw)
+        assert [r.index for r in together] == list(range(n)) and model.training
+        for a, b in zip(one, together):
+            assert a.pred == b.pred and a.gold == b.gold
+            assert a.score_pred == pytest.approx(b.score_pred, abs=1e-4)
+            assert a.score_gold == pytest.approx(b.score_gold, abs=1e-4)
 
 
 def test_joint_decoding_batched_equals_alone_and_survives_too_few_frames():
