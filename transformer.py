@@ -821,8 +821,8 @@ class Im2LatexModel(nn.Module):
         b, device = memory.shape[0], memory.device
         v = self.vocab_size
         choice_mask = self._choice_mask(ignore_eos, device)
-        cache = self.decoder.init_cache(memory, max_len, repeat=k, memory_pad_mask=pad)   # rows i*k + j:
-        #                                                               image i, beam j
+        # step()'s rows i*k + j: image i, beam j
+        cache = self.decoder.init_cache(memory, max_len, repeat=k, memory_pad_mask=pad)
         images = list(range(b))                                        # original index of each live image
         scores = torch.full((b, k), float('-inf'), device=device)      # (N, k) summed log-probs
         scores[:, 0] = 0.0                                             # one live hypothesis at the start
