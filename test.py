@@ -391,8 +391,8 @@ def get_args(argv=None):
     g.add_argument('--max_len', type=int, default=MAX_LEN, help='decode at most this many tokens')
     g.add_argument('--batchsz', type=int, default=BATCHSZ,
                    help='images per decoding batch: each image size is encoded alone, and consecutive sizes are '
-                        'decoded together up to this many images, their memories padded and masked (1: every '
-                        'size alone)')
+                        'decoded together up to this many images, their memories padded and masked (1: one image '
+                        'at a time)')
     g.add_argument('--workers', type=int, default=-1,
                    help='DataLoader workers / image-loading threads (-1: 0 on CPU, 4 on CUDA)')
     g.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
