@@ -1236,16 +1236,17 @@ def model_hparams(args, vocab_size):
                 head_stride=args.head_stride)
 
 
-def build_model(args, ckpt, d, device):
+def build_model(args, ckpt, d, device, given=frozenset()):
     """The model, its vocab (set on the data sets) and the teacher: from last.pt (--resume), from
-    --init_from (vocab extended with this domain's tokens), or new. -> (model, teacher, vocab, note)."""
+    --init_from (vocab extended with this domain's tokens; `given`: the flags on the command line), or
+    new. -> (model, teacher, vocab, note)."""
     note = ''
     if ckpt is not None:
         vocab = data.Vocab(ckpt['vocab'])
         model = transformer.build_model(ckpt['hparams'])
         model.load_state_dict(checkpoint.model_state(ckpt, 'model'))
     elif args.init_from:
-        model, vocab, note = init_from(args, d.train_set.tokens)
+        model, vocab, note = init_from(args, d.train_set.tokens, given)
     else:
         vocab = data.Vocab.build(data.read_token_list(data.PRE_VOCAB), d.train_set.tokens)
         model = transformer.build_model(model_hparams(args, len(vocab)))
@@ -1268,9 +1269,58 @@ def build_model(args, ckpt, d, device):
     return model, teacher, vocab, note
 
 
-def init_from(args, tokens):
-    """--init_from: the checkpoint's model (or teacher) weights, vocab extended by `tokens`.
-    -> (model, vocab, note)."""
+# --init_from takes the checkpoint's architecture. No weight's shape depends on these, so a run may set them
+# anew (e.g. a finer --output_stride for larger images); the SHAPE_HPARAMS flags must match the weights.
+RUN_HPARAMS = ('output_stride', 'head_stride', 'dropout', 'drop_connect')
+SHAPE_HPARAMS = ('d_model', 'nhead', 'num_layers', 'dim_ff', 'memory_norm', 'ctc_frames')
+
+
+def _same_hparam(key, a, b, hp):
+    """Do flag value `a` and checkpoint value `b` of model hyperparameter `key` build the same model?
+    (False for a stride that does not fit the output stride of `hp`: building the model says why.)"""
+    try:
+        if key == 'output_stride':
+            return transformer.output_strides(a) == transformer.output_strides(b)
+        if key == 'head_stride':
+            out = hp['output_stride']
+            return transformer.head_strides(out, a) == transformer.head_strides(out, b)
+    except ValueError:
+        return False
+    if key == 'ctc_frames':
+        return b == 0 or a == b          # a checkpoint without a CTC head: --ctc is ignored (init_from's note)
+    return a == b
+
+
+def with_run_hparams(args, model, given, path):
+    """--init_from's `model` rebuilt with the RUN_HPARAMS flags given on the command line (`given`), the
+    weights copied; args take the checkpoint's values of the architecture flags not given, so that the
+    saved args tell the trained model. SystemExit when a given flag cannot fit the weights. -> (model, note)"""
+    hp = dict(model.hparams)
+    clash = [k for k in SHAPE_HPARAMS if k in given and not _same_hparam(k, getattr(args, k), hp[k], hp)]
+    if clash:
+        sys.exit('--init_from: ' + '; '.join(f'--{k} {getattr(args, k)} but {path} has {hp[k]}' for k in clash)
+                 + ': its weights have those shapes; drop the flag(s) or train without --init_from')
+    new = {k: getattr(args, k) for k in RUN_HPARAMS if k in given}
+    if 'output_stride' in given and 'head_stride' not in given:   # the head as the checkpoint's: coarser or not
+        new['head_stride'] = args.head_stride if hp['head_stride'] is not None else args.output_stride
+    changed = [k for k, v in new.items() if not _same_hparam(k, v, hp[k], {**hp, **new})]
+    for k in RUN_HPARAMS + SHAPE_HPARAMS:           # the flags not given: the checkpoint's values
+        if k not in new and not (k == 'ctc_frames' and hp[k] == 0):
+            setattr(args, k, hp['output_stride'] if k == 'head_stride' and hp[k] is None else hp[k])
+    if not changed:
+        return model, ''
+    try:
+        rebuilt = transformer.build_model({**hp, **new})
+        rebuilt.load_state_dict(model.state_dict(), strict=True)
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f'--init_from: {path} cannot take ' + ' '.join(f'--{k} {new[k]}' for k in changed)
+                 + f': {str(e).splitlines()[0]}')
+    return rebuilt, '; ' + ', '.join(f'{k} {hp[k]} -> {new[k]}' for k in changed)
+
+
+def init_from(args, tokens, given=frozenset()):
+    """--init_from: the checkpoint's model (or teacher) weights, vocab extended by `tokens`; the RUN_HPARAMS
+    flags in `given` (given_flags) replace the checkpoint's (with_run_hparams). -> (model, vocab, note)."""
     try:
         model, itos, init = checkpoint.load_checkpoint(args.init_from, which='model')
     except (FileNotFoundError, ValueError) as e:
@@ -1282,10 +1332,11 @@ def init_from(args, tokens):
         model.load_state_dict(checkpoint.model_state(init, which, args.init_from))
     except ValueError as e:
         sys.exit(f'--init_from: {e}; use --init_weights model')
+    model, changed = with_run_hparams(args, model, given, args.init_from)
     vocab = data.Vocab(itos).extend(tokens)
     transformer.extend_vocab(model, len(vocab))
     no_head = '; it has no CTC head, so --ctc is ignored' if args.ctc > 0 and model.ctc_head is None else ''
-    return model, vocab, (f'initialised from {args.init_from} ({which} weights); vocab {len(itos)} -> '
+    return model, vocab, (f'initialised from {args.init_from} ({which} weights{changed}); vocab {len(itos)} -> '
                           f'{len(vocab)} tokens{no_head}')
 
 
@@ -1314,7 +1365,8 @@ def build_trainer(args, model, teacher, vocab, device, amp_dtype, d, rank, world
 def main(argv=None):
     args = get_args(argv)
     log = print if int(os.environ.get('RANK', 0)) == 0 else (lambda *a, **k: None)   # rank 0 logs
-    args, ckpt = resume_args(args, given_flags(argv), log)
+    given = given_flags(argv)
+    args, ckpt = resume_args(args, given, log)
     if ckpt is not None and run_finished(args, ckpt):
         log(f'that run already finished (epoch {ckpt["epoch"]}, step {ckpt["step"]}, '
             f'{ckpt.get("train_seconds", 0.0) / 60:.1f} minutes of training); nothing to do')
@@ -1324,7 +1376,7 @@ def main(argv=None):
     flush_denormals(device)
     amp_dtype = prepare(args, device, rank, log)
     d = build_data(args, device, rank, world, log)
-    model, teacher, vocab, init_note = build_model(args, ckpt, d, device)
+    model, teacher, vocab, init_note = build_model(args, ckpt, d, device, given)
     run = build_trainer(args, model, teacher, vocab, device, amp_dtype, d, rank, world, log)
     if ckpt is not None:
         restore(run, ckpt)

@@ -341,6 +341,27 @@ def test_init_from_extends_vocab(uniform_root, tmp_path):
         assert torch.equal(dst['model'][k][:len(src['vocab'])], src['model'][k])
 
 
+def test_init_from_takes_run_strides_and_checkpoint_shapes(uniform_root, tmp_path):
+    """--init_from: a given --output_stride / --dropout rebuilds the model around the same weights; the
+    architecture flags not given take the checkpoint's values (in the saved args too); a given flag that
+    the weights' shapes contradict stops the run, naming it."""
+    run(uniform_root, tmp_path / 'src', '--output_stride', '16', '--batchsz', '16', '--epochs', '1', '--val_max', '4')
+    src_path = str(tmp_path / 'src' / 'math' / 'best.pt')
+    src = load(src_path)
+    assert src['hparams']['output_stride'] == 16
+    run(uniform_root, tmp_path / 'same', '--init_from', src_path, '--batchsz', '16', '--epochs', '1', '--val_max', '4')
+    same = load(tmp_path / 'same' / 'math' / 'last.pt')
+    assert same['hparams']['output_stride'] == 16 and same['args']['output_stride'] == 16   # not the default 16x8
+    run(uniform_root, tmp_path / 'fine', '--init_from', src_path, '--output_stride', '8', '--batchsz', '16',
+        '--epochs', '1', '--val_max', '4', '--initlr', '0')
+    fine = load(tmp_path / 'fine' / 'math' / 'last.pt')
+    assert fine['hparams']['output_stride'] == 8 and fine['args']['output_stride'] == 8
+    weights = [k for k, v in src['model'].items() if k.endswith('weight') and v.dim() == 4]
+    assert weights and all(torch.equal(fine['model'][k], src['model'][k]) for k in weights)   # lr 0
+    with pytest.raises(SystemExit, match='--num_layers 3 but'):
+        run(uniform_root, tmp_path / 'clash', '--init_from', src_path, '--num_layers', '3', '--epochs', '1')
+
+
 def test_freeze_keeps_the_stem_and_first_blocks(uniform_root, tmp_path):
     run(uniform_root, tmp_path / 'src', '--batchsz', '16', '--epochs', '1', '--val_max', '4')
     src = load(tmp_path / 'src' / 'math' / 'best.pt')
