@@ -976,7 +976,9 @@ def make_parser():
     g = p.add_argument_group('run')
     g.add_argument('--out_dir', default='runs', help='checkpoints and logs go to <out_dir>/<train_on>/')
     g.add_argument('--init_from', default=None, metavar='CKPT',
-                   help='start from this checkpoint\'s weights (vocab extended with the new domain\'s tokens)')
+                   help='start from this checkpoint\'s weights and architecture (vocab extended with the new '
+                        'domain\'s tokens); --output_stride, --head_stride, --dropout, --drop_connect given here '
+                        'apply to it, size flags must match it')
     g.add_argument('--init_weights', default='auto', choices=('auto', 'model', 'teacher'),
                    help='which weights of --init_from (auto: the teacher if it has one)')
     g.add_argument('--resume', action='store_true',
