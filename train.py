@@ -1307,7 +1307,9 @@ def with_run_hparams(args, model, given, path):
         new['head_stride'] = args.head_stride if hp['head_stride'] is not None else args.output_stride
     changed = [k for k, v in new.items() if not _same_hparam(k, v, hp[k], {**hp, **new})]
     for k in RUN_HPARAMS + SHAPE_HPARAMS:           # the flags not given: the checkpoint's values
-        if k not in new and not (k == 'ctc_frames' and hp[k] == 0):
+        if k in new:
+            setattr(args, k, new[k])
+        elif not (k == 'ctc_frames' and hp[k] == 0):
             setattr(args, k, hp['output_stride'] if k == 'head_stride' and hp[k] is None else hp[k])
     if not changed:
         return model, ''
@@ -1369,6 +1371,8 @@ def main(argv=None):
     log = print if int(os.environ.get('RANK', 0)) == 0 else (lambda *a, **k: None)   # rank 0 logs
     given = given_flags(argv)
     args, ckpt = resume_args(args, given, log)
+    if args.resume and ckpt is None and os.path.exists(os.path.join(args.out_dir, args.train_on, 'args.json')):
+        given |= set(RUN_HPARAMS)    # restarted from args.json: --init_from's strides as its first start set them
     if ckpt is not None and run_finished(args, ckpt):
         log(f'that run already finished (epoch {ckpt["epoch"]}, step {ckpt["step"]}, '
             f'{ckpt.get("train_seconds", 0.0) / 60:.1f} minutes of training); nothing to do')

@@ -358,6 +358,10 @@ def test_init_from_takes_run_strides_and_checkpoint_shapes(uniform_root, tmp_pat
     assert fine['hparams']['output_stride'] == 8 and fine['args']['output_stride'] == 8
     weights = [k for k, v in src['model'].items() if k.endswith('weight') and v.dim() == 4]
     assert weights and all(torch.equal(fine['model'][k], src['model'][k]) for k in weights)   # lr 0
+    for name in ('last.pt', 'best.pt'):          # stopped before its first checkpoint: restarted from args.json
+        os.remove(tmp_path / 'fine' / 'math' / name)
+    run(uniform_root, tmp_path / 'fine', '--resume', '--batchsz', '16', '--epochs', '1', '--val_max', '4')
+    assert load(tmp_path / 'fine' / 'math' / 'last.pt')['hparams']['output_stride'] == 8
     with pytest.raises(SystemExit, match='--num_layers 3 but'):
         run(uniform_root, tmp_path / 'clash', '--init_from', src_path, '--num_layers', '3', '--epochs', '1')
 
