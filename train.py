@@ -1306,7 +1306,7 @@ def with_run_hparams(args, model, given, path):
     if 'output_stride' in given and 'head_stride' not in given:   # the head as the checkpoint's: coarser or not
         new['head_stride'] = args.head_stride if hp['head_stride'] is not None else args.output_stride
     changed = [k for k, v in new.items() if not _same_hparam(k, v, hp[k], {**hp, **new})]
-    for k in RUN_HPARAMS + SHAPE_HPARAMS:           # the flags not given: the checkpoint's values
+    for k in RUN_HPARAMS + SHAPE_HPARAMS:           # args tell the model built: given values, else the checkpoint's
         if k in new:
             setattr(args, k, new[k])
         elif not (k == 'ctc_frames' and hp[k] == 0):
